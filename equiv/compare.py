@@ -1,0 +1,217 @@
+"""Per-tensor metrics and the error budget: the one place a pass/fail criterion is computed.
+
+The float32 criterion is relative to the reference's own rounding error on the same inputs
+(design.md, "the error budget"):
+
+    err_port = dist(port, oracle_fp64)      err_ref = dist(reference, oracle_fp64)
+    ratio    = err_port / max(err_ref, floor)          pass if ratio <= budget
+
+dist is the max absolute error over finite, agreeing positions. Everything works on numpy arrays:
+ports and reference runners convert their own tensors, so this module knows no framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    budget: float
+    reason: str
+
+
+# Tolerances are data: keyed by (compared dtype, check). Each entry says why.
+TOLERANCES: dict[tuple[str, str], Tolerance] = {
+    ("float32", "error_budget"): Tolerance(
+        2.0, "a port may be up to 2x less accurate than the torch float32 reference, no more: "
+        "reordered sums legitimately differ by a small factor, a real defect costs 4x or far more"),
+    ("bfloat16", "error_budget"): Tolerance(
+        4.0, "bf16 matmul accumulation order differs between XLA and torch kernels; 4x the "
+        "reference's own bf16 error still separates rounding from a defect (which is O(1))"),
+    ("float32", "cosine_min"): Tolerance(
+        0.9999, "informational: below this a tensor points elsewhere, whatever the budget says"),
+    ("bfloat16", "cosine_min"): Tolerance(0.999, "informational, as for float32"),
+}
+
+FLOOR_ULPS = 4
+"""The floor of the budget's denominator, in ULPs at the tensor's scale (max |oracle|).
+
+Rounding the float64 oracle to the compared dtype already costs up to 0.5 ULP at the largest
+element, and two correctly-rounded implementations of the same op can differ by a few ULPs there;
+an error below 4 ULPs is indistinguishable from rounding, so a reference that happens to be exact
+(err_ref = 0) must not make any port fail by division by ~zero."""
+
+
+def tolerance(dtype: str, check: str = "error_budget") -> Tolerance:
+    try:
+        return TOLERANCES[(dtype, check)]
+    except KeyError:
+        known = sorted({d for d, _ in TOLERANCES})
+        raise ValueError(f"no tolerance for dtype {dtype!r}, check {check!r}; known dtypes {known}") from None
+
+
+def ulp_at(scale: float, dtype: str) -> float:
+    """The spacing of `dtype` numbers at magnitude `scale`."""
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    return float(np.spacing(np.asarray(max(scale, 1e-30), dtype=np_dtype)).astype(np.float64))
+
+
+def error_budget_ratio(err_port: float, err_ref: float, floor: float) -> float:
+    """err_port / max(err_ref, floor): 1.0 means exactly as accurate as the reference."""
+    return err_port / max(err_ref, floor)
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
+    """Number of representable `dtype` values between a and b (both rounded to dtype)."""
+    np_dtype, int_dtype = ((ml_dtypes.bfloat16, np.int16) if dtype == "bfloat16"
+                           else (np.dtype(dtype), np.int32 if dtype == "float32" else np.int64))
+
+    def ordered(v):
+        i = np.asarray(v, dtype=np_dtype).view(int_dtype).astype(np.int64)
+        return np.where(i < 0, np.iinfo(int_dtype).min - i, i)
+
+    return np.abs(ordered(a) - ordered(b))
+
+
+def _nonfinite_mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Positions where a and b differ in finiteness, or are both non-finite but unequal
+    (NaN vs inf, +inf vs -inf). NaN at the same position on both sides counts as equal."""
+    fa, fb = np.isfinite(a), np.isfinite(b)
+    both_nan = np.isnan(a) & np.isnan(b)
+    same_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
+    return (fa != fb) | (~fa & ~fb & ~both_nan & ~same_inf)
+
+
+@dataclass
+class TapComparison:
+    """Everything measured for one tap. `verdict` is 'pass', 'fail' or 'unavailable'."""
+
+    name: str
+    shape: tuple = ()
+    dtype: str = "float32"
+    verdict: str = "unavailable"
+    reason: str = ""
+    err_port: float = math.nan  # max |port - oracle|
+    err_ref: float = math.nan  # max |reference - oracle|
+    raw_diff: float = math.nan  # max |port - reference|, always reported
+    floor: float = math.nan
+    ratio: float = math.nan
+    budget: float = math.nan
+    max_rel: float = math.nan  # max |port - oracle| / max(|oracle|, scale * eps)
+    ulp_p50: float = math.nan  # ULPs of port vs reference
+    ulp_p99: float = math.nan
+    ulp_max: float = math.nan
+    cosine: float = math.nan  # port vs oracle
+    frac_over_budget: float = math.nan  # elements whose error exceeds budget * max(err_ref, floor)
+    worst_index: tuple = ()
+    nonfinite: dict = field(default_factory=dict)  # counts and first positions of NaN/Inf
+    overflow: bool = False  # non-finite values where the oracle is finite and huge: dtype overflow
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["worst_index"] = list(self.worst_index)
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in d.items()}
+
+
+def _first_positions(mask: np.ndarray, k: int = 5) -> list[list[int]]:
+    return [list(map(int, idx)) for idx in np.argwhere(mask)[:k]]
+
+
+def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
+                budget: float | None = None) -> TapComparison:
+    """Compare one tap: port and reference (in `dtype`) against the float64 oracle."""
+    budget = tolerance(dtype).budget if budget is None else budget
+    out = TapComparison(name=name, dtype=dtype, budget=budget)
+    arrays = {"port": port, "reference": reference, "oracle": oracle}
+    missing = [k for k, v in arrays.items() if v is None]
+    if missing:
+        out.reason = f"missing on the {', '.join(missing)} side"
+        return out
+    port, reference, oracle = (np.asarray(v, dtype=np.float64) for v in (port, reference, oracle))
+    out.shape = tuple(oracle.shape)
+    if not (port.shape == reference.shape == oracle.shape):
+        out.verdict = "fail"
+        out.reason = (f"shape mismatch: port {port.shape}, reference {reference.shape}, "
+                      f"oracle {oracle.shape}")
+        return out
+    if oracle.size == 0:
+        out.verdict, out.reason = "pass", "empty tensor"
+        return out
+
+    # Non-finite values are data: equal positions compare equal, different ones are a divergence.
+    port_bad = _nonfinite_mismatch(port, oracle)
+    ref_bad = _nonfinite_mismatch(reference, oracle)
+    ok = np.isfinite(port) & np.isfinite(reference) & np.isfinite(oracle)
+    finite_max = float(np.abs(oracle[np.isfinite(oracle)]).max()) if np.isfinite(oracle).any() else 0.0
+    if port_bad.any() or ref_bad.any() or not np.isfinite(oracle).all():
+        out.nonfinite = {
+            "port_mismatch_count": int(port_bad.sum()),
+            "port_mismatch_first": _first_positions(port_bad),
+            "reference_mismatch_count": int(ref_bad.sum()),
+            "oracle_nonfinite_count": int((~np.isfinite(oracle)).sum()),
+        }
+        dtype_max = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max if dtype == "bfloat16"
+                          else np.finfo(dtype).max)
+        out.overflow = bool((np.isinf(port) & np.isfinite(oracle)
+                             & (np.abs(oracle) > dtype_max / 2)).any())
+
+    scale = float(np.abs(oracle[ok]).max()) if ok.any() else finite_max
+    out.floor = FLOOR_ULPS * ulp_at(scale, dtype)
+    if ok.any():
+        d_port = np.abs(port - oracle)
+        d_port[~ok] = 0.0
+        d_ref = np.abs(reference - oracle)
+        d_ref[~ok] = 0.0
+        out.err_port, out.err_ref = float(d_port.max()), float(d_ref.max())
+        out.raw_diff = float(np.abs(port - reference)[ok].max())
+        out.worst_index = tuple(int(i) for i in np.unravel_index(np.argmax(d_port), d_port.shape))
+        eps_scale = max(scale * np.finfo(np.float32).eps, 1e-30)
+        out.max_rel = float((d_port / np.maximum(np.abs(oracle), eps_scale))[ok].max())
+        ulps = ulp_distance(port[ok], reference[ok], dtype)
+        out.ulp_p50, out.ulp_p99, out.ulp_max = (float(np.percentile(ulps, 50)),
+                                                 float(np.percentile(ulps, 99)), float(ulps.max()))
+        pv, ov = port[ok], oracle[ok]
+        denom = float(np.linalg.norm(pv) * np.linalg.norm(ov))
+        out.cosine = float(pv @ ov / denom) if denom > 0 else (1.0 if not pv.any() and not ov.any() else 0.0)
+        out.ratio = error_budget_ratio(out.err_port, out.err_ref, out.floor)
+        threshold = budget * max(out.err_ref, out.floor)
+        out.frac_over_budget = float((d_port[ok] > threshold).mean())
+
+    if port_bad.any():
+        n_bad = int(port_bad.sum())
+        kind = "overflow to inf" if out.overflow else "NaN/Inf"
+        out.verdict = "fail"
+        out.reason = (f"{kind} at {n_bad} position(s) where the oracle differs, first at "
+                      f"{out.nonfinite['port_mismatch_first'][0]}")
+    elif not ok.any():
+        out.verdict, out.reason = "fail", "no finite values to compare on every side"
+    elif out.ratio <= budget:
+        out.verdict = "pass"
+        out.reason = f"{out.ratio:.2f}x the reference's own float error (budget {budget:g}x)"
+    else:
+        out.verdict = "fail"
+        out.reason = (f"{out.ratio:.1f}x the reference's own float error (budget {budget:g}x): "
+                      f"max |port - oracle| {out.err_port:.3g} at {list(out.worst_index)}, "
+                      f"reference {out.err_ref:.3g}")
+    return out
+
+
+class BudgetExceeded(AssertionError):
+    """Raised by `assert_within_budget`; its message is the explanation a test failure shows."""
+
+
+def assert_within_budget(name, port, reference, oracle, dtype="float32", budget=None) -> TapComparison:
+    """Test helper (chex `assert_trees_all_close` style): names the tap, dtype, metric, threshold
+    and worst index on failure."""
+    result = compare_tap(name, port, reference, oracle, dtype=dtype, budget=budget)
+    if result.verdict != "pass":
+        raise BudgetExceeded(f"{name} [{dtype}]: {result.reason} (err_ref {result.err_ref:.3g}, "
+                             f"floor {result.floor:.3g}, raw |port-ref| {result.raw_diff:.3g})")
+    return result

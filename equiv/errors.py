@@ -1,0 +1,36 @@
+"""The exceptions the library raises for bad input. All are ValueError subclasses, so callers that
+only know ValueError still catch them; the CLI turns each into one line and exit code 2."""
+
+
+class EquivError(ValueError):
+    """Base class: the input was not what the library expected. The message says what was expected
+    and what came."""
+
+
+class ShapeError(EquivError):
+    """Array shapes or dtypes disagree with each other or with the config."""
+
+
+class ConfigError(EquivError):
+    """A model config contradicts itself or asks for a feature the port does not implement."""
+
+
+class CheckpointError(EquivError):
+    """A checkpoint is missing, corrupt, unsafe, or does not match its config."""
+
+
+class TokenRangeError(EquivError):
+    """Token ids outside [0, vocab_size), or an empty input."""
+
+
+class FixtureIntegrityError(EquivError):
+    """A fixture file's sha256 does not match the manifest."""
+
+
+class ReportWriteError(EquivError):
+    """The report directory cannot be written."""
+
+
+def format_mismatches(what: str, problems: list[str]) -> str:
+    """One message listing every mismatch at once (chex-style), so a user fixes them in one go."""
+    return f"{what}: " + "; ".join(problems)

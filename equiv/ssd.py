@@ -1,0 +1,317 @@
+"""The SSD layer y = SSM(A, B, C, dt)(x) in its four dual forms, in pure JAX.
+
+Argument names and layouts follow mamba_ssm's `mamba_chunk_scan_combined` and
+`selective_state_update` so users recognise them:
+
+    x (b, l, h, p)   dt (b, l, h)   A (h,)   B, C (b, l, g, n)   D (h,) or (h, p)   z like x
+    initial_states (b, h, p, n)
+
+Head j reads group j // (h / g) (repeat_interleave semantics, known-bugs.md row 1). We never
+materialise the repeat: heads are viewed as (g, r) with h = g * r and every einsum carries both.
+
+All arithmetic runs in float32 whatever the input dtype (bfloat16 inputs get float32 state and
+accumulation, as in the Triton kernels); outputs come back in x's dtype, states in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from equiv.errors import ShapeError, format_mismatches
+
+DEFAULT_DT_LIMIT = (0.0, float("inf"))
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+class SSDInputs(NamedTuple):
+    """Validated, float32, discretised inputs shared by every form."""
+
+    x: jax.Array  # b l g r p
+    dt: jax.Array  # b l g r   (after bias, softplus and limit)
+    A: jax.Array  # b l g r (broadcast)
+    B: jax.Array  # b l g n
+    C: jax.Array  # b l g n
+    out_dtype: jnp.dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and dt discretisation
+
+
+def _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, *, step: bool) -> None:
+    """Collect every mismatch and raise once, naming dimensions (chex `assert_shape` style)."""
+    problems: list[str] = []
+    lead = "b" if step else "b, l"
+    nlead = 1 if step else 2
+    if x.ndim != nlead + 2:
+        raise ShapeError(f"x: expected rank {nlead + 2} ({lead}, h, p), got shape {tuple(x.shape)}")
+    *bl, h, p = x.shape
+    bl = tuple(bl)
+    if B.ndim != nlead + 2:
+        raise ShapeError(f"B: expected rank {nlead + 2} ({lead}, g, n), got shape {tuple(B.shape)}")
+    g, n = B.shape[-2:]
+    if g < 1 or h % g != 0:
+        problems.append(f"g (n_groups) must divide h (heads): got g={g}, h={h}")
+
+    def expect(name, arr, shape, names):
+        if arr is None:
+            return
+        if tuple(arr.shape) != tuple(shape):
+            problems.append(f"{name}: expected shape ({names}) = {tuple(shape)}, got {tuple(arr.shape)}")
+
+    expect("B", B, (*bl, g, n), f"{lead}, g, n")
+    expect("C", C, (*bl, g, n), f"{lead}, g, n")
+    expect("dt", dt, (*bl, h), f"{lead}, h")
+    expect("A", A, (h,), "h")
+    expect("z", z, (*bl, h, p), f"{lead}, h, p")
+    expect("dt_bias", dt_bias, (h,), "h")
+    expect("initial_states" if not step else "state", initial_states, (bl[0], h, p, n), "b, h, p, n")
+    if D is not None and tuple(D.shape) not in ((h,), (h, p)):
+        problems.append(f"D: expected shape (h,) = ({h},) or (h, p) = ({h}, {p}), got {tuple(D.shape)}")
+    for name, arr in (("x", x), ("dt", dt), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                      ("dt_bias", dt_bias), ("initial_states", initial_states)):
+        if arr is not None and not jnp.issubdtype(arr.dtype, jnp.floating):
+            problems.append(f"{name}: expected a floating dtype, got {arr.dtype}")
+    for name, arr in (("B", B), ("C", C), ("z", z)):
+        if arr is not None and arr.dtype != x.dtype:
+            problems.append(f"{name}: expected dtype {x.dtype} (x's dtype), got {arr.dtype}")
+    if problems:
+        raise ShapeError(format_mismatches("SSD arguments", problems))
+
+
+def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT):
+    """dt -> softplus(dt + dt_bias), clamped to dt_limit, in float32.
+
+    Mirrors the Triton kernels: torch's softplus threshold of 20 (identity above it), and the clamp
+    applied only when dt_limit is not the default (known-bugs.md row 4: prefill and decode share
+    this one function so they can't disagree)."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + jnp.broadcast_to(dt_bias.astype(jnp.float32), dt.shape)
+    if dt_softplus:
+        dt = jnp.where(dt <= 20.0, jnp.log1p(jnp.exp(jnp.minimum(dt, 20.0))), dt)
+    lo, hi = (float(v) for v in dt_limit)
+    if (lo, hi) != DEFAULT_DT_LIMIT:
+        dt = jnp.clip(dt, lo, hi)
+    return dt
+
+
+def _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit, *, step=False):
+    _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, step=step)
+    h, p = x.shape[-2:]
+    g = B.shape[-2]
+    r = h // g
+    f32 = jnp.float32
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
+    lead = x.shape[:-2]
+    return SSDInputs(
+        x=x.astype(f32).reshape(*lead, g, r, p),
+        dt=dt.reshape(*lead, g, r),
+        A=jnp.broadcast_to(A.astype(f32).reshape(g, r), (*lead, g, r)),
+        B=B.astype(f32),
+        C=C.astype(f32),
+        out_dtype=x.dtype,
+    )
+
+
+def _skip_and_gate(y, x, D, z, out_dtype):
+    """y + D * x, then y * silu(z) (gating after the scan, as in mamba_chunk_scan_combined)."""
+    f32 = jnp.float32
+    if D is not None:
+        Df = D.astype(f32)
+        Df = Df[:, None] if Df.ndim == 1 else Df  # h p
+        y = y + x.astype(f32) * jnp.broadcast_to(Df, x.shape)
+    if z is not None:
+        zf = z.astype(f32)
+        y = y * zf * jax.nn.sigmoid(zf)
+    return y.astype(out_dtype)
+
+
+def _initial_state(initial_states, b, g, r, p, n):
+    if initial_states is None:
+        return jnp.zeros((b, g, r, p, n), jnp.float32)
+    return initial_states.astype(jnp.float32).reshape(b, g, r, p, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stable segment sum
+
+
+def _segsum_masked(a: jax.Array) -> jax.Array:
+    """segsum as a masked cumulative sum over an (i, j) grid, like transformers' `segment_sum`."""
+    q = a.shape[-1]
+    rep = jnp.broadcast_to(a[..., :, None], (*a.shape, q))  # ... k j : a[k]
+    keep = jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool), -1), rep.shape)  # k > j
+    out = jnp.cumsum(jnp.where(keep, rep, 0.0), axis=-2)  # ... i j : sum_{j < k <= i} a[k]
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool)), out.shape)
+    return jnp.where(causal, out, -jnp.inf)
+
+
+def segsum(a: jax.Array, block: int = 16) -> jax.Array:
+    """segsum(a)[..., i, j] = sum_{k=j+1..i} a[..., k] for i >= j, -inf above the diagonal.
+
+    Never cumsum[i] - cumsum[j]: that difference cancels catastrophically when the cumulative decay
+    is large and the segment short (known-bugs.md row 10). Every entry here is a direct sum of
+    same-sign terms (dA <= 0), so nothing cancels. A masked cumsum over the whole q x q grid does
+    the same but costs O(q^2 log q) per chunk; instead we split q into blocks of `block`:
+
+        i in block I, j in block J < I:  sum = (a in I up to i) + (totals of blocks J < M < I)
+                                              + (a in J after j)
+        i, j in the same block:          a masked cumsum inside the block
+    """
+    q = a.shape[-1]
+    if q <= block:
+        return _segsum_masked(a)
+    s = block
+    nb = -(-q // s)
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, nb * s - q)])  # zeros at the end change no sum
+    a = a.reshape(*a.shape[:-1], nb, s)  # ... I i
+    within = _segsum_masked(a)  # ... I i j
+    upto = jnp.cumsum(a, axis=-1)  # ... I i : sum of a in I at positions <= i
+    rev = jnp.flip(jnp.cumsum(jnp.flip(a, -1), axis=-1), -1)  # ... J j : sum at positions >= j
+    after = jnp.concatenate([rev[..., 1:], jnp.zeros_like(rev[..., :1])], axis=-1)  # > j
+    between = _segsum_masked(upto[..., -1])  # ... I J : totals of blocks J < M <= I
+    lead = a.shape[:-2]
+    between = jnp.concatenate(  # shift to J < M < I
+        [jnp.full((*lead, 1, nb), -jnp.inf, a.dtype), between[..., :-1, :]], axis=-2)
+    grid = (*lead, nb, s, nb, s)  # ... I i J j
+    cross = (jnp.broadcast_to(upto[..., :, :, None, None], grid)
+             + jnp.broadcast_to(between[..., :, None, :, None], grid)
+             + jnp.broadcast_to(after[..., None, None, :, :], grid))
+    same_block = jnp.broadcast_to(jnp.eye(nb, dtype=bool)[:, None, :, None], grid)
+    out = jnp.where(same_block, jnp.broadcast_to(within[..., :, :, None, :], grid), cross)
+    return out.reshape(*lead, nb * s, nb * s)[..., :q, :q]
+
+
+# ---------------------------------------------------------------------------------------------
+# the four forms
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, return_final_states=False):
+    """Chunked SSD (quadratic inside a chunk, state passing between chunks).
+
+    Mirrors mamba_ssm `ssd_minimal_discrete` step for step, for any length l (the tail chunk is
+    padded with dt = 0, which neither decays nor feeds the state) and any chunk_size >= 1."""
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ShapeError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
+    s = _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit)
+    b, l, g, r, p = s.x.shape
+    n = s.B.shape[-1]
+    if l == 0:
+        raise ShapeError("x: expected l (length) >= 1, got l=0")
+    q = min(chunk_size, l)
+    c = math.ceil(l / q)
+    pad = c * q - l
+
+    def chunks(a):  # b l ... -> b c q ...
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return a.reshape(b, c, q, *a.shape[2:])
+
+    X = chunks(s.x * s.dt[..., None])  # b c q g r p
+    dA = chunks(s.dt * s.A)  # b c q g r
+    Bc, Cc = chunks(s.B), chunks(s.C)  # b c q g n
+    dA = jnp.moveaxis(dA, 2, -1)  # b c g r q
+    L = jnp.exp(segsum(dA))  # b c g r q s
+
+    # 1. intra-chunk (diagonal blocks)
+    CB = jnp.einsum("bcqgn,bcsgn->bcgqs", Cc, Bc)
+    Y_diag = jnp.einsum("bcgqs,bcgrqs,bcsgrp->bcqgrp", CB, L, X)
+
+    # 2. the state each chunk leaves behind, from its own inputs (decay to the chunk's end is the
+    #    last row of L: a masked sum, not a cumsum difference)
+    decay_to_end = L[..., -1, :]  # b c g r s
+    chunk_states = jnp.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", Bc, decay_to_end, X)
+
+    # 3. inter-chunk recurrence: the state entering each chunk
+    chunk_decay = jnp.exp(jnp.sum(dA, axis=-1))  # b c g r
+    h0 = _initial_state(initial_states, b, g, r, p, n)
+
+    def carry_state(state, inp):
+        decay, new = inp
+        nxt = decay[..., None, None] * state + new
+        return nxt, state
+
+    final, entering = jax.lax.scan(
+        carry_state, h0, (jnp.moveaxis(chunk_decay, 1, 0), jnp.moveaxis(chunk_states, 1, 0)))
+    entering = jnp.moveaxis(entering, 0, 1)  # b c g r p n
+
+    # 4. state -> output (decay from the chunk start to each position: a plain cumsum, no difference)
+    decay_from_start = jnp.exp(jnp.cumsum(dA, axis=-1))  # b c g r q
+    Y_off = jnp.einsum("bcqgn,bcgrpn,bcgrq->bcqgrp", Cc, entering, decay_from_start)
+
+    y = (Y_diag + Y_off).reshape(b, c * q, g * r, p)[:, :l]
+    y = _skip_and_gate(y, x, D, z, s.out_dtype)
+    if return_final_states:
+        return y, final.reshape(b, g * r, p, n)
+    return y
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+             dt_limit=DEFAULT_DT_LIMIT):
+    """One recurrent step: the O(1) decode update. Returns (y, new_state).
+
+    Mirrors mamba_ssm `selective_state_update_ref` with Mamba-2's tied layouts: x (b, h, p),
+    dt (b, h), A (h,), B and C (b, g, n), state (b, h, p, n) in float32."""
+    s = _prepare(x, dt, A, B, C, D, z, dt_bias, state, dt_softplus, dt_limit, step=True)
+    b, g, r, p = s.x.shape
+    n = s.B.shape[-1]
+    h = _initial_state(state, b, g, r, p, n)
+    decay = jnp.exp(s.dt * s.A)  # b g r
+    h = decay[..., None, None] * h + jnp.einsum("bgr,bgrp,bgn->bgrpn", s.dt, s.x, s.B)
+    y = jnp.einsum("bgrpn,bgn->bgrp", h, s.C).reshape(b, g * r, p)
+    return _skip_and_gate(y, x, D, z, s.out_dtype), h.reshape(b, g * r, p, n)
+
+
+def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,
+             dt_limit=DEFAULT_DT_LIMIT, return_final_states=False):
+    """Sequential recurrence over l with lax.scan: ssd_step applied token by token."""
+    _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, step=False)
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+    if l == 0:
+        raise ShapeError("x: expected l (length) >= 1, got l=0")
+    h0 = (jnp.zeros((b, h, p, n), jnp.float32) if initial_states is None
+          else initial_states.astype(jnp.float32))
+    t_first = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)  # noqa: E731
+
+    def step(state, inp):
+        xt, dtt, Bt, Ct, zt = inp
+        y, state = ssd_step(state, xt, dtt, A, Bt, Ct, D=D, z=zt, dt_bias=dt_bias,
+                            dt_softplus=dt_softplus, dt_limit=dt_limit)
+        return state, y
+
+    final, ys = jax.lax.scan(step, h0, (t_first(x), t_first(dt), t_first(B), t_first(C), t_first(z)))
+    y = jnp.moveaxis(ys, 0, 1)
+    return (y, final) if return_final_states else y
+
+
+def ssd_quadratic(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None,
+                  dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, return_final_states=False):
+    """The masked "attention" form: y = (C B^T o exp(segsum(dA))) (x dt), one l x l matrix.
+
+    O(l^2) memory: a check of the duality, not a production path."""
+    s = _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit)
+    b, l, g, r, p = s.x.shape
+    n = s.B.shape[-1]
+    if l == 0:
+        raise ShapeError("x: expected l (length) >= 1, got l=0")
+    X = s.x * s.dt[..., None]  # b l g r p
+    dA = jnp.moveaxis(s.dt * s.A, 1, -1)  # b g r l
+    L = jnp.exp(segsum(dA))  # b g r l s
+    CB = jnp.einsum("blgn,bsgn->bgls", s.C, s.B)
+    y = jnp.einsum("bgls,bgrls,bsgrp->blgrp", CB, L, X)
+    h0 = _initial_state(initial_states, b, g, r, p, n)
+    decay_from_start = jnp.exp(jnp.cumsum(dA, axis=-1))  # b g r l
+    y = y + jnp.einsum("blgn,bgrpn,bgrl->blgrp", s.C, h0, decay_from_start)
+    y = _skip_and_gate(y.reshape(b, l, g * r, p), x, D, z, s.out_dtype)
+    if not return_final_states:
+        return y
+    decay_to_end = L[..., -1, :]  # b g r s
+    final = (jnp.exp(jnp.sum(dA, axis=-1))[..., None, None] * h0
+             + jnp.einsum("bsgn,bgrs,bsgrp->bgrpn", s.B, decay_to_end, X))
+    return y, final.reshape(b, g * r, p, n)
