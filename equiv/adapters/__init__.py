@@ -1,0 +1,1 @@
+"""Adapters that present third-party JAX ports through the port protocol (equiv/ports.py)."""
