@@ -1,0 +1,219 @@
+"""The Mamba-2 forward in pure JAX: params are a pytree of arrays (equiv/mamba2/convert.py), layers
+run as one lax.scan, the SSD is equiv.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM`
+(torch path) op for op, including where it casts, so that bf16 runs are comparable too.
+
+Every function here is pure and jit-compatible; equiv/mamba2/port.py jits them and checks inputs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from equiv.mamba2.config import Mamba2Config
+from equiv.ssd import ssd_chunked, ssd_step
+
+f32 = jnp.float32
+
+
+class Cache(NamedTuple):
+    """Decode state, stacked over layers: O(1) in the sequence length.
+
+    conv: (L, b, k-1, conv_dim) the last k-1 conv inputs (model dtype).
+    ssm:  (L, b, h, p, n) the SSM state, always float32 (known-bugs.md row 9)."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def empty_cache(cfg: Mamba2Config, batch: int, dtype) -> Cache:
+    return Cache(jnp.zeros((cfg.n_layers, batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
+                 jnp.zeros((cfg.n_layers, batch, cfg.n_heads, cfg.head_dim, cfg.d_state), f32))
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+def linear(x, w, b=None):
+    """x @ w (+ b). Precision comes from the caller's jax.default_matmul_precision scope."""
+    y = jnp.einsum("...i,io->...o", x, w)
+    return y if b is None else y + jnp.broadcast_to(b, y.shape)
+
+
+def rms_norm(x, w, eps):
+    """Mirrors transformers `Mamba2RMSNorm`: normalise in float32, cast back, then scale."""
+    xf = x.astype(f32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return jnp.broadcast_to(w, x.shape) * xf.astype(x.dtype)
+
+
+def gated_rms_norm(y, z, w, eps, n_groups):
+    """Mirrors transformers `MambaRMSNormGated` with norm_before_gate=False: gate first, then
+    normalise each group of d_inner / g channels separately (known-bugs.md rows 2 and 3)."""
+    yf = y.astype(f32) * jax.nn.silu(z.astype(f32))
+    *lead, e = yf.shape
+    grouped = yf.reshape(*lead, n_groups, e // n_groups)
+    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
+    return jnp.broadcast_to(w, y.shape) * grouped.reshape(*lead, e).astype(y.dtype)
+
+
+def causal_conv(xBC, w, b, conv_state):
+    """Depthwise causal conv1d + bias + SiLU over (b, l, c), continuing from `conv_state`
+    (b, k-1, c) = the previous k-1 inputs (zeros at the start). Mirrors `causal_conv1d_fn`.
+    Returns (out (b, l, c), new conv_state)."""
+    k = w.shape[0]
+    l = xBC.shape[1]
+    window = jnp.concatenate([conv_state.astype(xBC.dtype), xBC], axis=1)  # b (k-1+l) c
+    out = sum(window[:, j:j + l] * jnp.broadcast_to(w[j], xBC.shape) for j in range(k))
+    if b is not None:
+        out = out + jnp.broadcast_to(b, out.shape)
+    return jax.nn.silu(out), window[:, l:]
+
+
+def _masked(x, mask):
+    """Zero padded positions (mirrors `apply_mask_to_padding_states`, known-bugs.md row 6)."""
+    return x if mask is None else x * jnp.broadcast_to(mask[..., None], x.shape).astype(x.dtype)
+
+
+def _split(a, sizes):
+    out, start = [], 0
+    for s in sizes:
+        out.append(a[..., start:start + s])
+        start += s
+    return out
+
+
+def _ssd_args(cfg: Mamba2Config, lp):
+    return dict(D=lp["D"], dt_bias=lp["dt_bias"], dt_softplus=True, dt_limit=cfg.time_step_limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sub-ops of one block, separately callable (the isolated mode feeds each its own inputs)
+
+
+def mixer_in_proj(cfg, lp, normed, mask):
+    return linear(_masked(normed, mask), lp["in_proj"], lp.get("in_proj_bias"))  # b l in_dim
+
+
+def mixer_conv(cfg, lp, zxbcdt, mask, conv_state):
+    _, xBC, _ = _split(zxbcdt, (cfg.d_inner, cfg.conv_dim, cfg.n_heads))
+    out, new_state = causal_conv(xBC, lp["conv_w"], lp.get("conv_b"), conv_state)
+    return _masked(out, mask), new_state  # b l conv_dim
+
+
+def mixer_ssm(cfg, lp, zxbcdt, conv_out, ssm_state, chunk_size):
+    b, l, _ = conv_out.shape
+    g, n, h, p = cfg.n_groups, cfg.d_state, cfg.n_heads, cfg.head_dim
+    _, _, dt = _split(zxbcdt, (cfg.d_inner, cfg.conv_dim, h))
+    x, B, C = _split(conv_out, (cfg.d_inner, g * n, g * n))
+    A = -jnp.exp(lp["A_log"].astype(f32))
+    y, final = ssd_chunked(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
+                           chunk_size, initial_states=ssm_state, return_final_states=True,
+                           **_ssd_args(cfg, lp))
+    return y.reshape(b, l, h * p), final  # b l e
+
+
+def mixer_gated_norm(cfg, lp, zxbcdt, y):
+    z = zxbcdt[..., :cfg.d_inner]
+    return gated_rms_norm(y, z, lp["gnorm"], cfg.norm_eps, cfg.n_groups)
+
+
+def mixer_out_proj(cfg, lp, gated):
+    return linear(gated, lp["out_proj"], lp.get("out_proj_bias"))
+
+
+def block_norm(cfg, lp, hidden):
+    return rms_norm(hidden.astype(lp["norm"].dtype), lp["norm"], cfg.norm_eps)
+
+
+def block_residual(cfg, hidden, mixer_out):
+    residual = hidden.astype(f32) if cfg.residual_in_fp32 else hidden
+    return residual + mixer_out
+
+
+# ---------------------------------------------------------------------------------------------
+# whole model
+
+
+def embed(params, ids):
+    # mode="fill" with NaN: an out-of-range id poisons its logits instead of being clamped to the
+    # last row silently (JAX's default for gathers), also inside jit where we cannot raise.
+    return jnp.take(params["embed"], ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def lm_logits(cfg, params, hidden_normed):
+    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+    return linear(hidden_normed.astype(head.dtype), head)
+
+
+def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = None, *,
+            taps: bool = False, last_logits_only: bool = False, chunk_size: int | None = None):
+    """ids (b, l) -> (logits, cache, taps).
+
+    Continues from `cache` when given (chunked prefill: the conv window and the SSM state carry
+    over, known-bugs.md rows 5 and 7). logits are (b, l, v), or (b, v) for the last position only
+    when `last_logits_only` (prefill needs no more). `taps` is {} unless taps=True; then it holds
+    every canonical tap of equiv/mamba2/taps.py (nothing extra is computed otherwise)."""
+    chunk_size = chunk_size or cfg.chunk_size
+    b = ids.shape[0]
+    hidden = embed(params, ids)
+    if cache is None:
+        cache = empty_cache(cfg, b, params["embed"].dtype)
+
+    def layer(hidden, xs):
+        lp, conv_state, ssm_state = xs
+        normed = block_norm(cfg, lp, hidden)
+        zxbcdt = mixer_in_proj(cfg, lp, normed, mask)
+        conv_out, conv_state = mixer_conv(cfg, lp, zxbcdt, mask, conv_state)
+        y, ssm_state = mixer_ssm(cfg, lp, zxbcdt, conv_out, ssm_state, chunk_size)
+        gated = mixer_gated_norm(cfg, lp, zxbcdt, y)
+        out = mixer_out_proj(cfg, lp, gated)
+        new_hidden = block_residual(cfg, hidden, out)
+        layer_taps = (dict(norm=normed, in_proj=zxbcdt, conv=conv_out, ssm=y, gated_norm=gated,
+                           out_proj=out, block=new_hidden) if taps else {})
+        return new_hidden, (conv_state, ssm_state, layer_taps)
+
+    hidden, (conv, ssm, stacked) = jax.lax.scan(layer, hidden, (params["layers"], cache.conv, cache.ssm))
+    normed = rms_norm(hidden, params["norm_f"], cfg.norm_eps)
+    logits = lm_logits(cfg, params, normed[:, -1] if last_logits_only else normed)
+    tap_dict = {}
+    if taps:
+        tap_dict["embed"] = embed(params, ids)
+        for i in range(cfg.n_layers):
+            for key, name in (("norm", "norm"), ("in_proj", "mixer.in_proj"), ("conv", "mixer.conv"),
+                              ("ssm", "mixer.ssm"), ("gated_norm", "mixer.gated_norm"),
+                              ("out_proj", "mixer.out_proj")):
+                tap_dict[f"layers.{i}.{name}"] = stacked[key][i]
+            tap_dict[f"layers.{i}"] = stacked["block"][i]
+        tap_dict["norm_f"] = normed
+        tap_dict["logits"] = logits
+    return logits, Cache(conv, ssm), tap_dict
+
+
+def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
+    """One token per sequence, tokens (b,) -> (logits (b, v), cache). Constant work per token:
+    independent of the position and of chunk_size (no padding of one token to a chunk)."""
+    hidden = embed(params, tokens)  # b d
+    h, p, g, n = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
+    b = tokens.shape[0]
+
+    def layer(hidden, xs):
+        lp, conv_state, ssm_state = xs
+        normed = block_norm(cfg, lp, hidden)
+        zxbcdt = linear(normed, lp["in_proj"], lp.get("in_proj_bias"))  # b in_dim
+        z, xBC, dt = _split(zxbcdt, (cfg.d_inner, cfg.conv_dim, h))
+        conv_out, conv_state = causal_conv(xBC[:, None], lp["conv_w"], lp.get("conv_b"), conv_state)
+        x, B, C = _split(conv_out[:, 0], (cfg.d_inner, g * n, g * n))
+        A = -jnp.exp(lp["A_log"].astype(f32))
+        y, ssm_state = ssd_step(ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, g, n),
+                                C.reshape(b, g, n), **_ssd_args(cfg, lp))
+        gated = gated_rms_norm(y.reshape(b, h * p), z, lp["gnorm"], cfg.norm_eps, cfg.n_groups)
+        out = linear(gated, lp["out_proj"], lp.get("out_proj_bias"))
+        return block_residual(cfg, hidden, out), (conv_state, ssm_state)
+
+    hidden, (conv, ssm) = jax.lax.scan(layer, hidden, (params["layers"], cache.conv, cache.ssm))
+    logits = lm_logits(cfg, params, rms_norm(hidden, params["norm_f"], cfg.norm_eps))
+    return logits, Cache(conv, ssm)
