@@ -6,13 +6,12 @@ Formats: transformers (`config.json` + `model.safetensors` or a sharded
 `pytorch_model.bin`). safetensors is preferred: a `.bin` is a pickle, opened only through
 `torch.load(weights_only=True)`, which refuses to run code.
 
-Params layout (per-layer arrays stacked on a leading axis of n_layers, so the forward is one
-lax.scan over layers and compiles once whatever the depth):
+Params layout (a list of per-layer dicts; see equiv/mamba2/model.py for why not stacked):
 
     embed (v, d)   norm_f (d,)   lm_head (d, v) or absent when tied
-    layers: norm (L, d)  in_proj (L, d, in_dim)  [in_proj_bias (L, in_dim)]  conv_w (L, k, conv_dim)
-            [conv_b (L, conv_dim)]  dt_bias (L, h)  A_log (L, h)  D (L, h) or (L, h, p)
-            gnorm (L, e)  out_proj (L, e, d)  [out_proj_bias (L, d)]
+    layers[i]: norm (d,)  in_proj (d, in_dim)  [in_proj_bias (in_dim,)]  conv_w (k, conv_dim)
+               [conv_b (conv_dim,)]  dt_bias (h,)  A_log (h,)  D (h,) or (h, p)
+               gnorm (e,)  out_proj (e, d)  [out_proj_bias (d,)]
 """
 
 from __future__ import annotations
@@ -172,7 +171,7 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
             params[ours] = conv(ours, tensors[key])
     if "lm_head" in params:
         params["lm_head"] = params["lm_head"].T  # (v, d) -> (d, v)
-    params["layers"] = {name: np.stack(arrs) for name, arrs in layers.items()}
+    params["layers"] = [{name: arrs[i] for name, arrs in layers.items()} for i in range(cfg.n_layers)]
     # A_log, dt_bias and D are rounded to the model dtype (as `model.to(dtype)` does to the
     # reference) but held in float32: every consumer upcasts them first anyway.
     keep_fp32 = {"A_log", "dt_bias", "D"}
@@ -181,7 +180,7 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
         a = np.asarray(a).astype(np_dtype)
         return jnp.asarray(a.astype(np.float32) if name in keep_fp32 else a)
 
-    params["layers"] = {k: cast(k, v) for k, v in params["layers"].items()}
+    params["layers"] = [{k: cast(k, v) for k, v in lp.items()} for lp in params["layers"]]
     return {k: (v if k == "layers" else cast(k, v)) for k, v in params.items()}
 
 

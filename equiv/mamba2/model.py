@@ -1,5 +1,6 @@
 """The Mamba-2 forward in pure JAX: params are a pytree of arrays (equiv/mamba2/convert.py), layers
-run as one lax.scan, the SSD is equiv.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM`
+a Python loop over per-layer dicts (unrolled under jit: a lax.scan over stacked weights measured
+~1.7x slower per decode step on CPU, its dynamic slices copy each layer's weights), the SSD is equiv.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM`
 (torch path) op for op, including where it casts, so that bf16 runs are comparable too.
 
 Every function here is pure and jit-compatible; equiv/mamba2/port.py jits them and checks inputs.
@@ -145,8 +146,10 @@ def embed(params, ids):
 
 
 def lm_logits(cfg, params, hidden_normed):
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    return linear(hidden_normed.astype(head.dtype), head)
+    if cfg.tie_embeddings:  # contract with the (v, d) embedding as stored: a transposed copy of
+        emb = params["embed"]  # the whole table per decode step would cost more than the matvec
+        return jnp.einsum("...d,vd->...v", hidden_normed.astype(emb.dtype), emb)
+    return linear(hidden_normed.astype(params["lm_head"].dtype), params["lm_head"])
 
 
 def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = None, *,
@@ -163,34 +166,29 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
     if cache is None:
         cache = empty_cache(cfg, b, params["embed"].dtype)
 
-    def layer(hidden, xs):
-        lp, conv_state, ssm_state = xs
+    convs, ssms, tap_dict = [], [], {}
+    if taps:
+        tap_dict["embed"] = hidden
+    for i, lp in enumerate(params["layers"]):
         normed = block_norm(cfg, lp, hidden)
         zxbcdt = mixer_in_proj(cfg, lp, normed, mask)
-        conv_out, conv_state = mixer_conv(cfg, lp, zxbcdt, mask, conv_state)
-        y, ssm_state = mixer_ssm(cfg, lp, zxbcdt, conv_out, ssm_state, chunk_size)
+        conv_out, conv_state = mixer_conv(cfg, lp, zxbcdt, mask, cache.conv[i])
+        y, ssm_state = mixer_ssm(cfg, lp, zxbcdt, conv_out, cache.ssm[i], chunk_size)
         gated = mixer_gated_norm(cfg, lp, zxbcdt, y)
         out = mixer_out_proj(cfg, lp, gated)
-        new_hidden = block_residual(cfg, hidden, out)
-        layer_taps = (dict(norm=normed, in_proj=zxbcdt, conv=conv_out, ssm=y, gated_norm=gated,
-                           out_proj=out, block=new_hidden) if taps else {})
-        return new_hidden, (conv_state, ssm_state, layer_taps)
-
-    hidden, (conv, ssm, stacked) = jax.lax.scan(layer, hidden, (params["layers"], cache.conv, cache.ssm))
+        hidden = block_residual(cfg, hidden, out)
+        convs.append(conv_state)
+        ssms.append(ssm_state)
+        if taps:
+            t = f"layers.{i}"
+            tap_dict |= {f"{t}.norm": normed, f"{t}.mixer.in_proj": zxbcdt, f"{t}.mixer.conv": conv_out,
+                         f"{t}.mixer.ssm": y, f"{t}.mixer.gated_norm": gated, f"{t}.mixer.out_proj": out,
+                         t: hidden}
     normed = rms_norm(hidden, params["norm_f"], cfg.norm_eps)
     logits = lm_logits(cfg, params, normed[:, -1] if last_logits_only else normed)
-    tap_dict = {}
     if taps:
-        tap_dict["embed"] = embed(params, ids)
-        for i in range(cfg.n_layers):
-            for key, name in (("norm", "norm"), ("in_proj", "mixer.in_proj"), ("conv", "mixer.conv"),
-                              ("ssm", "mixer.ssm"), ("gated_norm", "mixer.gated_norm"),
-                              ("out_proj", "mixer.out_proj")):
-                tap_dict[f"layers.{i}.{name}"] = stacked[key][i]
-            tap_dict[f"layers.{i}"] = stacked["block"][i]
-        tap_dict["norm_f"] = normed
-        tap_dict["logits"] = logits
-    return logits, Cache(conv, ssm), tap_dict
+        tap_dict |= {"norm_f": normed, "logits": logits}
+    return logits, Cache(jnp.stack(convs), jnp.stack(ssms)), tap_dict
 
 
 def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
@@ -199,21 +197,20 @@ def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
     hidden = embed(params, tokens)  # b d
     h, p, g, n = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
     b = tokens.shape[0]
-
-    def layer(hidden, xs):
-        lp, conv_state, ssm_state = xs
+    convs, ssms = [], []
+    for i, lp in enumerate(params["layers"]):
         normed = block_norm(cfg, lp, hidden)
         zxbcdt = linear(normed, lp["in_proj"], lp.get("in_proj_bias"))  # b in_dim
         z, xBC, dt = _split(zxbcdt, (cfg.d_inner, cfg.conv_dim, h))
-        conv_out, conv_state = causal_conv(xBC[:, None], lp["conv_w"], lp.get("conv_b"), conv_state)
+        conv_out, conv_state = causal_conv(xBC[:, None], lp["conv_w"], lp.get("conv_b"), cache.conv[i])
         x, B, C = _split(conv_out[:, 0], (cfg.d_inner, g * n, g * n))
         A = -jnp.exp(lp["A_log"].astype(f32))
-        y, ssm_state = ssd_step(ssm_state, x.reshape(b, h, p), dt, A, B.reshape(b, g, n),
+        y, ssm_state = ssd_step(cache.ssm[i], x.reshape(b, h, p), dt, A, B.reshape(b, g, n),
                                 C.reshape(b, g, n), **_ssd_args(cfg, lp))
         gated = gated_rms_norm(y.reshape(b, h * p), z, lp["gnorm"], cfg.norm_eps, cfg.n_groups)
         out = linear(gated, lp["out_proj"], lp.get("out_proj_bias"))
-        return block_residual(cfg, hidden, out), (conv_state, ssm_state)
-
-    hidden, (conv, ssm) = jax.lax.scan(layer, hidden, (params["layers"], cache.conv, cache.ssm))
+        hidden = block_residual(cfg, hidden, out)
+        convs.append(conv_state)
+        ssms.append(ssm_state)
     logits = lm_logits(cfg, params, rms_norm(hidden, params["norm_f"], cfg.norm_eps))
-    return logits, Cache(conv, ssm)
+    return logits, Cache(jnp.stack(convs), jnp.stack(ssms))

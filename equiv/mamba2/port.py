@@ -85,7 +85,7 @@ class Mamba2Model:
         with jax.default_matmul_precision(self.precision):
             out["embed"] = np.asarray(m.embed(self.params, jnp.asarray(ids)).astype(jnp.float32))
             for i in range(cfg.n_layers):
-                lp = jax.tree_util.tree_map(lambda a, i=i: a[i], self.params["layers"])
+                lp = self.params["layers"][i]
                 prev = "embed" if i == 0 else f"layers.{i - 1}"
                 t = f"layers.{i}"
                 res = _isolated_layer(cfg, lp, get(prev, resid if i else dt), get(f"{t}.norm"),
