@@ -1,0 +1,152 @@
+"""Token-for-token greedy decode matching, model-agnostic.
+
+For a batch of prompts: the port's on-device `generate` against the reference's own generate
+(transformers `generate(do_sample=False)`), then teacher-forced logits along the reference's
+trajectory compared by the error budget against the float64 oracle's *full* forward (no cache: the
+reference's cache path can be wrong too, known-bugs.md rows 4 and 5, so it is checked separately
+against its own full forward).
+
+On the first token mismatch the step is classified:
+- near-tie: the reference's top-1/top-2 margin is within what float rounding can flip (the sum of
+  the two sides' measured logit errors against the oracle at that step, doubled: each of the two
+  competing logits can move by that much). Reported, does not fail.
+- reference-defect: the float64 oracle's full forward picks the port's token, and the reference's
+  cached decode disagrees with its own full forward. Reported loudly, does not fail the port.
+- divergence: anything else. Fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from equiv.compare import TapComparison, compare_tap
+
+
+@dataclass
+class Mismatch:
+    row: int
+    step: int
+    port_token: int
+    reference_token: int
+    oracle_token: int
+    port_margin: float
+    reference_margin: float
+    logit_error_bound: float
+    classification: str  # near-tie | reference-defect | divergence
+
+
+@dataclass
+class DecodeResult:
+    """One batch of prompts decoded greedily by both sides."""
+
+    prompt_lengths: list[int]
+    max_new_tokens: int
+    port_tokens: list[list[int]]
+    reference_tokens: list[list[int]]
+    matched_steps: list[int]  # per row: steps equal before the first mismatch (or all)
+    total_steps: list[int]
+    mismatches: list[Mismatch] = field(default_factory=list)
+    logits: TapComparison | None = None  # teacher-forced port decode vs oracle full forward
+    reference_consistency: TapComparison | None = None  # reference cached decode vs oracle full forward
+    median_reference_margin: float = math.nan
+    verdict: str = "pass"
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["logits"] = self.logits.to_dict() if self.logits else None
+        d["reference_consistency"] = self.reference_consistency.to_dict() if self.reference_consistency else None
+        d["median_reference_margin"] = None if math.isnan(self.median_reference_margin) else self.median_reference_margin
+        return d
+
+
+def _until_eos(tokens: np.ndarray, eos_id: int | None) -> list[int]:
+    out = []
+    for t in tokens.tolist():
+        out.append(int(t))
+        if eos_id is not None and t == eos_id:
+            break
+    return out
+
+
+def _margin(logits: np.ndarray) -> float:
+    top = np.sort(logits)[-2:]
+    return float(top[1] - top[0])
+
+
+def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray | None,
+                 max_new_tokens: int, eos_id: int | None = None, dtype: str = "float32") -> DecodeResult:
+    """prompts (b, P) left-padded where `mask` is given. `reference` and `oracle` are runners with
+    `generate`, `run` and `step_logits` (oracle in float64)."""
+    b, P = prompts.shape
+    lengths = [int(mask[i].sum()) if mask is not None else P for i in range(b)]
+    port_gen = model.generate(prompts, mask, max_new_tokens, eos_id)
+    ref_gen = reference.generate(prompts, mask, max_new_tokens, eos_id)
+    port_tok = [_until_eos(port_gen.tokens[i], eos_id) for i in range(b)]
+    ref_tok = [_until_eos(ref_gen.tokens[i], eos_id) for i in range(b)]
+
+    # teacher forcing along the reference's trajectory (padded with its own pad to a rectangle)
+    T = ref_gen.tokens.shape[1]
+    seq = np.concatenate([prompts, np.asarray(ref_gen.tokens, np.int32)], axis=1)
+    full_mask = None if mask is None else np.concatenate([mask, np.ones((b, T), mask.dtype)], axis=1)
+    port_steps = model.step_logits(seq, full_mask, P)[:, :T]  # b T v: prediction for step k
+    ref_steps = reference.step_logits(seq, full_mask, P)[:, :T]
+    ref_full = reference.run(seq, full_mask)["logits"][:, P - 1:P - 1 + T]
+    oracle_full = oracle.run(seq, full_mask)["logits"][:, P - 1:P - 1 + T]
+    valid = [len(r) for r in ref_tok]  # compare only steps the reference really generated
+    sel = lambda a: np.concatenate([a[i, :valid[i]] for i in range(b)])  # noqa: E731
+    logits_cmp = compare_tap("decode.logits", sel(port_steps), sel(ref_full), sel(oracle_full), dtype)
+    ref_cmp = compare_tap("reference.cached_decode", sel(ref_steps), sel(ref_full), sel(oracle_full), dtype)
+
+    result = DecodeResult(prompt_lengths=lengths, max_new_tokens=max_new_tokens, port_tokens=port_tok,
+                          reference_tokens=ref_tok, matched_steps=[], total_steps=valid,
+                          logits=logits_cmp, reference_consistency=ref_cmp)
+    margins = []
+    for i in range(b):
+        n = min(len(port_tok[i]), len(ref_tok[i]))
+        k = next((s for s in range(n) if port_tok[i][s] != ref_tok[i][s]), None)
+        if k is None and len(port_tok[i]) != len(ref_tok[i]):
+            k = n  # one side stopped (EOS) earlier
+        margins += [_margin(ref_steps[i, s]) for s in range(valid[i])]
+        result.matched_steps.append(valid[i] if k is None else k)
+        if k is None or k >= T:
+            continue
+        # a broken reference cache must not inflate the rounding bound: then use its full forward
+        ref_k = ref_steps[i, k] if ref_cmp.verdict == "pass" else ref_full[i, k]
+        err_p = float(np.abs(port_steps[i, k] - oracle_full[i, k]).max())
+        err_r = float(np.abs(ref_k - oracle_full[i, k]).max())
+        bound = 2.0 * (err_p + err_r)
+        ref_margin = _margin(ref_k)
+        p_token = port_tok[i][k] if k < len(port_tok[i]) else -1
+        r_token = ref_tok[i][k] if k < len(ref_tok[i]) else -1
+        o_token = int(np.argmax(oracle_full[i, k]))
+        if o_token == p_token != r_token and ref_cmp.verdict == "fail":
+            cls = "reference-defect"
+        elif ref_margin <= bound:
+            cls = "near-tie"
+        else:
+            cls = "divergence"
+        result.mismatches.append(Mismatch(
+            row=i, step=k, port_token=p_token, reference_token=r_token,
+            oracle_token=o_token, port_margin=_margin(port_steps[i, k]), reference_margin=ref_margin,
+            logit_error_bound=bound, classification=cls))
+    result.median_reference_margin = float(np.median(margins)) if margins else math.nan
+    fails = [mm for mm in result.mismatches if mm.classification == "divergence"]
+    if logits_cmp.verdict != "pass":
+        result.verdict, result.reason = "fail", f"teacher-forced decode logits: {logits_cmp.reason}"
+    elif fails:
+        f = fails[0]
+        result.verdict = "fail"
+        result.reason = (f"row {f.row} step {f.step}: port {f.port_token} vs reference {f.reference_token} "
+                         f"(reference margin {f.reference_margin:.3g} > rounding bound {f.logit_error_bound:.3g})")
+    else:
+        result.reason = (f"{sum(result.matched_steps)}/{sum(valid)} steps matched"
+                         + (f"; {len(result.mismatches)} mismatch(es) explained "
+                            f"({', '.join(sorted({m.classification for m in result.mismatches}))})"
+                            if result.mismatches else ""))
+    if ref_cmp.verdict == "fail":
+        result.reason += f"; REFERENCE cached decode disagrees with its own full forward ({ref_cmp.reason})"
+    return result
