@@ -1,0 +1,226 @@
+"""The main job (`equiv check`, run by `nox -s equivalence`): every bundled fixture through the
+layer-wise diff (accumulated and isolated) and the greedy decode match, plus the SSD duality
+properties; one summary table, reports under one directory, a non-zero exit on any failure.
+
+Model-agnostic: the port comes from the registry, the reference from a loader callable (live torch
+runners, or golden recordings replayed with --golden). Inputs are a pure function of the fixture
+and fixed seeds, so two runs produce the same JSON numbers (timings go to timing.json alone).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from equiv.decode import DecodeResult, match_greedy
+from equiv.errors import ReportWriteError
+from equiv.layerwise import LayerwiseResult, run_layerwise
+from equiv.report import summary_line, write_reports
+
+SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 1}
+
+
+@dataclass
+class Plan:
+    """Inputs for one fixture: a pure function of its config and fixed seeds."""
+
+    layerwise_ids: np.ndarray
+    decode_batches: list[tuple[np.ndarray, np.ndarray | None]]
+    max_new_tokens: int
+    eos_id: int | None
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, seqs))
+    ids = np.full((len(seqs), width), pad_id, np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def plan_for(fixture_path: Path, vocab_size: int, chunk_size: int, seed: int = 0) -> Plan:
+    """Trained checkpoints (with training.json) decode their recorded text prompts, 64 tokens each,
+    alone and as one left-padded batch. Random tiny ones: prompts whose lengths straddle
+    chunk_size (chunk-1, chunk, chunk+1) so decoding crosses a chunk boundary, alone and padded."""
+    rng = np.random.default_rng(seed)
+    training = fixture_path / "training.json"
+    if training.is_file():
+        meta = json.loads(training.read_text())
+        prompts = [list(p.encode("utf-8")) for p in meta["prompts"]]
+        eos = meta.get("eos_id")
+        text = "".join(meta["prompts"]) * 8
+        layer_ids = np.asarray([list(text.encode("utf-8"))[:64]], np.int32)
+        pad = meta.get("pad_id", 0)
+        n_new = 64
+    else:
+        lengths = (max(chunk_size - 1, 1), chunk_size, chunk_size + 1)
+        prompts = [rng.integers(0, vocab_size, n).tolist() for n in lengths]
+        layer_ids = rng.integers(0, vocab_size, (2, 2 * chunk_size + 5)).astype(np.int32)
+        eos, pad, n_new = None, 0, 64
+    batches = [(np.asarray([p], np.int32), None) for p in prompts]
+    batches.append(left_pad(prompts, pad))
+    return Plan(layer_ids, batches, n_new, eos)
+
+
+@dataclass
+class FixtureOutcome:
+    name: str
+    layerwise: dict[str, LayerwiseResult] = field(default_factory=dict)
+    decode: list[DecodeResult] = field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        if self.error:
+            return "error"
+        bad = [r for r in self.layerwise.values() if r.verdict != "equivalent"]
+        bad += [d for d in self.decode if d.verdict != "pass"]
+        return "fail" if bad else "pass"
+
+    def to_dict(self) -> dict:
+        from equiv.report import to_json_dict
+
+        return {"fixture": self.name, "verdict": self.verdict, "error": self.error or None,
+                "layerwise": {mode: to_json_dict(r) for mode, r in self.layerwise.items()},
+                "decode": [d.to_dict() for d in self.decode]}
+
+
+def check_fixture(name: str, path: Path, port, load_ref, progress=print) -> FixtureOutcome:
+    """Layer-wise diff in both modes and the decode match for one fixture."""
+    out = FixtureOutcome(name)
+    t0 = time.perf_counter()
+    model = port.load(path)
+    reference, oracle = load_ref(path, "float32"), load_ref(path, "float64")
+    cfg = getattr(model, "cfg", None)
+    vocab = cfg.vocab_size if cfg else json.loads((path / "config.json").read_text())["vocab_size"]
+    chunk = cfg.chunk_size if cfg else 256
+    plan = plan_for(path, vocab, chunk)
+    for mode in ("accumulated", "isolated"):
+        progress(f"[{name}] layer-wise diff, {mode}")
+        out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode, seed=0)
+    for i, (prompts, mask) in enumerate(plan.decode_batches):
+        progress(f"[{name}] greedy decode {i + 1}/{len(plan.decode_batches)}: "
+                 f"{prompts.shape[0]} prompt(s) x {plan.max_new_tokens} tokens")
+        out.decode.append(match_greedy(model, reference, oracle, prompts, mask, plan.max_new_tokens, plan.eos_id))
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def run_ssd_properties(repo_root: Path, progress=print) -> dict:
+    """The SSD duality property suite (hypothesis, ci profile) as part of the main job."""
+    tests = [repo_root / "tests" / f for f in ("test_ssd_properties.py", "test_ssd_references.py")]
+    tests = [str(t) for t in tests if t.is_file()]
+    if not tests:
+        return {"verdict": "skipped", "detail": "tests/ not found: run the main job from the repository"}
+    progress("SSD duality properties (hypothesis, ci profile)")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *tests],
+                          capture_output=True, text=True, cwd=repo_root)
+    last = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+    return {"verdict": "pass" if proc.returncode == 0 else "fail", "detail": last[0].strip("= "),
+            "returncode": proc.returncode}
+
+
+def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
+    lines = [f"{'fixture':<20} {'layer-wise (acc / iso)':<24} {'decode matched':<16} verdict",
+             "-" * 72]
+    for o in outcomes:
+        if o.error:
+            lines.append(f"{o.name:<20} {'error: ' + o.error[:40]:<41} error")
+            continue
+        lw = " / ".join(f"{r.counts['pass']}/{r.counts['total']}" for r in o.layerwise.values())
+        matched = sum(sum(d.matched_steps) for d in o.decode)
+        total = sum(sum(d.total_steps) for d in o.decode)
+        lines.append(f"{o.name:<20} {lw:<24} {f'{matched}/{total}':<16} {o.verdict.upper()}")
+        for mode, r in o.layerwise.items():
+            if r.first_divergence:
+                lines.append(f"  {mode}: {r.first_divergence.explanation}"[:200])
+        for d in o.decode:
+            if d.verdict != "pass" or d.mismatches or d.reference_consistency.verdict != "pass":
+                lines.append(f"  decode {d.prompt_lengths}: {d.reason}"[:200])
+    lines.append(f"{'SSD duality':<20} {ssd['detail'][:40]:<41} {ssd['verdict'].upper()}")
+    return "\n".join(lines)
+
+
+def write_check_reports(outcomes: list[FixtureOutcome], ssd: dict, provenance: dict, out_dir: Path,
+                        timings: dict) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = SCHEMA | {"verdict": overall_verdict(outcomes, ssd), "ssd_duality": ssd,
+                            "provenance": provenance, "fixtures": [o.to_dict() for o in outcomes]}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=_json_default))
+        (out_dir / "timing.json").write_text(json.dumps(timings, indent=1))
+        md = ["# ssm-equiv: equivalence", "", f"**Verdict: {summary['verdict'].upper()}**", "", "```",
+              summary_table(outcomes, ssd), "```", ""]
+        for o in outcomes:
+            for mode, r in o.layerwise.items():
+                sub = out_dir / o.name / mode
+                write_reports(r, sub)
+                md.append(f"- `{o.name}` {mode}: {summary_line(r)} ([report]({o.name}/{mode}/report.html))")
+        (out_dir / "summary.md").write_text("\n".join(md) + "\n")
+    except OSError as e:
+        raise ReportWriteError(f"report directory {out_dir}: cannot write ({e.strerror or e})") from None
+
+
+def _json_default(x):
+    if isinstance(x, (np.floating, float)):
+        return None if math.isnan(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return str(x)
+
+
+def overall_verdict(outcomes: list[FixtureOutcome], ssd: dict) -> str:
+    ok = all(o.verdict == "pass" for o in outcomes) and ssd["verdict"] in ("pass", "skipped")
+    return "equivalent" if ok else "divergent"
+
+
+def reference_loader(golden: bool, golden_dir: Path):
+    """(path, dtype) -> runner: live transformers runners, or their golden recordings."""
+    if golden:
+        from equiv.golden import GoldenRunner
+
+        return lambda path, dtype: GoldenRunner(golden_dir / Path(path).name / f"transformers-{dtype}")
+    from reference.registry import load_reference
+
+    return lambda path, dtype: load_reference("transformers", path, dtype)
+
+
+def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = False, port_spec: str = "builtin",
+                 ssd: bool = True, progress=print) -> int:
+    """Returns the exit code: 0 equivalent, 1 any failure."""
+    from equiv.fixtures import fixture_dir, list_fixtures, verify_fixture
+    from equiv.ports import resolve_port
+
+    t0 = time.perf_counter()
+    names = fixture_names or [n for n in list_fixtures() if n != "golden"]
+    port = resolve_port(port_spec)
+    root = fixture_dir(names[0]).parent
+    load_ref = reference_loader(golden, root / "golden")
+    outcomes, timings = [], {}
+    for name in names:
+        verify_fixture(name)
+        outcome = check_fixture(name, fixture_dir(name), port, load_ref, progress)
+        outcomes.append(outcome)
+        timings[name] = round(outcome.seconds, 2)
+    ssd_result = run_ssd_properties(Path(__file__).resolve().parents[1], progress) if ssd else \
+        {"verdict": "skipped", "detail": "disabled with --no-ssd"}
+    timings["total_s"] = round(time.perf_counter() - t0, 2)
+    provenance = {"port": port_spec, "golden": golden,
+                  "reference": outcomes[0].layerwise["accumulated"].reference if outcomes else {}}
+    write_check_reports(outcomes, ssd_result, provenance, out_dir, timings)
+    print(summary_table(outcomes, ssd_result))
+    verdict = overall_verdict(outcomes, ssd_result)
+    print(f"\nverdict: {verdict.upper()}  ({timings['total_s']:.0f} s; reports in {out_dir}/)")
+    return 0 if verdict == "equivalent" else 1
