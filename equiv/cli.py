@@ -1,0 +1,268 @@
+"""The `equiv` command line (console script `equiv` -> `equiv.cli:main`).
+
+    equiv diff CHECKPOINT [--port NAME|module:attr] [--reference transformers|mamba_ssm|module:attr]
+               [--dtype float32|bfloat16] [--seq-len N] [--batch N] [--seed N]
+               [--mode accumulated|isolated] [--budget X] [--out DIR]
+
+Exit codes: 0 equivalent, 1 divergence found, 2 usage or input error (one line on stderr, no
+traceback; also when no tap could be compared at all).
+
+Subcommands are argparse subparsers. Another module adds one by defining
+`register(subparsers)`, which calls `subparsers.add_parser(...)` and sets `func=handler` with
+`handler(args, progress: Progress) -> int`; list the module in SUBCOMMAND_MODULES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from equiv.errors import CheckpointError, ConfigError, EquivError
+
+SUBCOMMAND_MODULES = ("equiv.cli_decode", "equiv.cli_check")  # registered when present
+REFERENCES = ("transformers", "mamba_ssm")
+EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(EquivError):
+    """A command line argparse rejected."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is an exception main() turns into one line (argparse would print the
+    usage block and exit)."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+# ---------------------------------------------------------------------------------------------
+# progress on stderr
+
+
+class Progress:
+    """Which stage is running, on stderr. Every stage start is one line; on a TTY the current line
+    also shows a live elapsed-time counter (after the first 2 s), so long stages visibly progress."""
+
+    def __init__(self, stream=None, tty: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self._stage: str | None = None
+        self._t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    def stage(self, name: str) -> None:
+        with self._lock:
+            self._finish_line()
+            self._stage, self._t0 = name, time.monotonic()
+            self.stream.write(f"equiv: {name} ..." if self.tty else f"equiv: {name}\n")
+            self.stream.flush()
+        if self.tty and self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, daemon=True)
+            self._ticker.start()
+
+    def _finish_line(self) -> None:
+        if self.tty and self._stage is not None:
+            self.stream.write(f"\r\033[Kequiv: {self._stage} ... {time.monotonic() - self._t0:.1f}s\n")
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.5):
+            with self._lock:
+                elapsed = time.monotonic() - self._t0
+                if self._stage is not None and elapsed >= 2:
+                    self.stream.write(f"\r\033[Kequiv: {self._stage} ... {elapsed:.0f}s")
+                    self.stream.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        with self._lock:
+            self._finish_line()
+            self._stage = None
+            self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def read_vocab_size(checkpoint: Path) -> int:
+    """vocab_size from the checkpoint's config.json (transformers and mamba_ssm both name it so)."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint: expected a directory, got {str(checkpoint)!r} "
+                              f"({'a file' if checkpoint.exists() else 'no such path'})")
+    path = checkpoint / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError as e:
+        raise CheckpointError(f"checkpoint: expected a readable {path}, got {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path}: expected JSON, got a parse error ({e})") from None
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise ConfigError(f"{path}: expected an integer vocab_size >= 1, got {vocab!r}")
+    return vocab
+
+
+def random_ids(vocab: int, batch: int, seq_len: int, seed: int) -> np.ndarray:
+    """(b, l) int32 token ids, uniform in [0, vocab), from numpy's Generator seeded with `seed`."""
+    return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq_len)).astype(np.int32)
+
+
+def load_port(spec: str, checkpoint: Path, dtype: str):
+    from equiv.ports import resolve_port
+
+    port = resolve_port(spec)
+    if isinstance(port, type):  # a Port class passes the protocol check itself: instantiate it
+        port = port()
+    return port.load(checkpoint, dtype)
+
+
+def load_reference(spec: str, checkpoint: Path, dtype: str):
+    """A registry name (reference.registry.load_reference) or `module:attr`, attr a callable
+    (checkpoint_dir, dtype) -> runner with run(ids, mask) and provenance()."""
+    if ":" in spec:
+        module_name, attr = spec.split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise UsageError(f"reference {spec!r}: expected an importable module:attr, got {e}") from None
+        return factory(checkpoint, dtype)
+    if spec not in REFERENCES:
+        raise UsageError(f"reference: expected one of {list(REFERENCES)} or 'module:attr', got {spec!r}")
+    try:
+        from reference.registry import load_reference as load
+    except ImportError as e:
+        raise UsageError(f"reference {spec!r}: cannot import reference.registry ({e}); "
+                         f"install the extra: pip install 'ssm-equiv[reference]'") from None
+    return load(spec, checkpoint, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# equiv diff
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _seed(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _budget(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def register_diff(subparsers) -> None:
+    p = subparsers.add_parser("diff", help="layer-wise diff of a port against the reference and the oracle",
+                              description="Compare every tap of the port with the reference (in --dtype) "
+                                          "against the float64 oracle; report the first divergence.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + weights)")
+    p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
+    p.add_argument("--reference", default="transformers",
+                   help=f"{' | '.join(REFERENCES)} | module:attr (default: transformers)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per sequence (default 64)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="sequences (default 2)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random token ids (default 0)")
+    p.add_argument("--mode", default="accumulated", choices=("accumulated", "isolated"))
+    p.add_argument("--budget", type=_budget, default=None,
+                   help="error-budget ratio (default: the tolerance table's, 2 for float32, 4 for bfloat16)")
+    p.add_argument("--out", type=Path, default=None, help="write report.json/.md/.html and ratio.png here")
+    p.set_defaults(func=run_diff)
+
+
+def run_diff(args, progress: Progress) -> int:
+    from equiv.layerwise import run_layerwise
+    from equiv.report import terminal_table, write_reports
+
+    vocab = read_vocab_size(args.checkpoint)
+    ids = random_ids(vocab, args.batch, args.seq_len, args.seed)
+    progress.stage(f"loading port {args.port} ({args.dtype})")
+    model = load_port(args.port, args.checkpoint, args.dtype)
+    progress.stage(f"loading reference {args.reference} ({args.dtype} and the float64 oracle)")
+    reference = load_reference(args.reference, args.checkpoint, args.dtype)
+    oracle = load_reference(args.reference, args.checkpoint, "float64")
+    result = run_layerwise(model, reference, oracle, ids, None, mode=args.mode, dtype=args.dtype,
+                           budget=args.budget, progress=progress.stage, seed=args.seed)
+    if args.out is not None:
+        progress.stage(f"writing reports to {args.out}")
+        write_reports(result, args.out)
+    progress.close()
+    sys.stdout.write(terminal_table(result))
+    sys.stdout.flush()
+    if result.verdict == "inconclusive":
+        raise EquivError(f"no tap could be compared ({result.counts['unavailable']} unavailable); "
+                         + (result.notes[-1] if result.notes else "see the table"))
+    return EXIT_DIVERGENT if result.verdict == "divergent" else EXIT_EQUIVALENT
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="equiv", description="Numerical-equivalence verification of JAX ports of "
+                                               "PyTorch state-space models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    register_diff(sub)
+    for name in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    progress = Progress()
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help / --version: argparse has printed, exit as it asks
+            return int(e.code or 0)
+        return int(args.func(args, progress))
+    except (EquivError, OSError) as e:
+        progress.close()
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(message if isinstance(e, UsageError) and message.startswith("equiv") else f"equiv: error: {message}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        progress.close()
+        print("equiv: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        progress.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Layer-wise diff: every tap of the port against the reference and the float64 oracle, in the port's
+execution order, with the first divergence located and explained.
+
+Two modes:
+
+* accumulated: one forward per side (port, reference in the compared dtype, oracle in float64), so
+  each tap carries every upstream rounding error. It answers "does the port compute the same thing
+  end to end?", but a defect smears: every tap after it fails too.
+* isolated: the port recomputes each tap from the oracle's values of its inputs
+  (`LoadedModel.forward_isolated`), so each op is judged alone and a second defect downstream of a
+  first one is still seen.
+
+The harness is model-agnostic: tap names and their order come from the port's `tap_names`; taps
+present on one side only are listed (port-only, reference-only), never dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import math
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+from equiv.compare import FLOOR_ULPS, TapComparison, compare_tap, tolerance
+from equiv.errors import EquivError
+from equiv.ports import TapUnavailable
+
+MODES = ("accumulated", "isolated")
+DTYPES = ("float32", "bfloat16")
+
+ISOLATED_APPROXIMATION = (
+    "isolated mode: each port tap is computed from the oracle's inputs to it (cast to the compared "
+    "dtype) and compared with the oracle; the budget's denominator is the reference's *accumulated* "
+    "error at that tap (the reference is not re-run op by op), an upper bound on its per-op error, so "
+    "the ratio is lenient by up to the reference's upstream error growth")
+
+
+@dataclass
+class FirstDivergence:
+    tap: str
+    index: int  # position in `LayerwiseResult.taps` (execution order)
+    ratio: float
+    explanation: str  # one line
+
+
+@dataclass
+class LayerwiseResult:
+    mode: str
+    dtype: str
+    budget: float
+    taps: list[TapComparison]  # execution order; one-sided taps included as 'unavailable'
+    port_only: list[str]
+    reference_only: list[str]
+    first_divergence: FirstDivergence | None
+    explanations: dict[str, str]  # one line per failing tap
+    verdict: str  # 'equivalent', 'divergent' or 'inconclusive' (no tap could be compared)
+    inputs: dict
+    port: dict
+    reference: dict
+    oracle: dict
+    settings: dict
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        verdicts = [t.verdict for t in self.taps]
+        return {"total": len(self.taps), "pass": verdicts.count("pass"), "fail": verdicts.count("fail"),
+                "unavailable": verdicts.count("unavailable"), "port_only": len(self.port_only),
+                "reference_only": len(self.reference_only)}
+
+    def tap(self, name: str) -> TapComparison:
+        for t in self.taps:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# alignment
+
+
+def align_taps(port_order: list[str], reference_order: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """The union of both sides' taps in execution order: the port's order, with each reference-only
+    tap placed after the last shared tap that precedes it on the reference side. Returns (order,
+    port_only, reference_only)."""
+    ref_set, port_set = set(reference_order), set(port_order)
+    port_only = [t for t in port_order if t not in ref_set]
+    reference_only = [t for t in reference_order if t not in port_set]
+    after: dict[str | None, list[str]] = {}
+    anchor = None
+    for t in reference_order:
+        if t in port_set:
+            anchor = t
+        else:
+            after.setdefault(anchor, []).append(t)
+    order = list(after.get(None, []))
+    for t in port_order:
+        order.append(t)
+        order += after.get(t, [])
+    return order, port_only, reference_only
+
+
+def _one_sided(name: str, side: str, dtype: str, budget: float) -> TapComparison:
+    other = "reference" if side == "port" else "port"
+    return TapComparison(name=name, dtype=dtype, budget=budget, verdict="unavailable",
+                         reason=f"{side} only: the {other} does not produce this tap")
+
+
+def _in_compute_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
+    """The oracle's value as the port would hold it: rounded to the compared dtype, handed over as
+    float32 (bf16 values are exactly representable) so any numpy-speaking port can take it."""
+    x = np.asarray(x, np.float64)
+    if dtype == "bfloat16":
+        return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+    return x.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# first divergence
+
+
+def format_ratio(r: float | None) -> str:
+    """'0.53x', '41.2x', '4163x', '2.10e+07x'; '-' when unknown."""
+    if r is None or not math.isfinite(r):
+        return "-"
+    return f"{r:.2f}x" if r < 10 else f"{r:.1f}x" if r < 100 else f"{r:.0f}x" if r < 1e5 else f"{r:.2e}x"
+
+
+def _ratio_text(t: TapComparison, dtype: str) -> str:
+    if math.isfinite(t.ratio) and not t.nonfinite.get("port_mismatch_count"):
+        return f"{format_ratio(t.ratio)} the reference's {dtype} error"
+    return t.reason
+
+
+def explain(taps: list[TapComparison], index: int, mode: str, dtype: str, one_sided=frozenset()) -> str:
+    """One line saying why tap `index` failed and whether the defect is in its own op. Taps in
+    `one_sided` exist on one side only by construction; they are listed elsewhere, not blamed here."""
+    t = taps[index]
+    head = f"{t.name}: {_ratio_text(t, dtype)}"
+    if mode == "isolated":
+        return f"{head} with the oracle's inputs fed in, so the defect is in this op"
+    upstream = taps[:index]
+    failed = [u.name for u in upstream if u.verdict == "fail"]
+    if failed:
+        return (f"{head}; upstream tap {failed[0]} already diverged, so this may only be its "
+                f"consequence (--mode isolated judges this op alone)")
+    unknown = [u.name for u in upstream if u.verdict == "unavailable" and u.name not in one_sided]
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+        return f"{head}; upstream taps {shown} could not be compared, so the defect is in this op or there"
+    return f"{head}; every upstream tap is within budget, so the defect is in this op"
+
+
+def find_first_divergence(taps: list[TapComparison], mode: str, dtype: str,
+                          one_sided=frozenset()) -> FirstDivergence | None:
+    for i, t in enumerate(taps):
+        if t.verdict == "fail":
+            return FirstDivergence(t.name, i, t.ratio, explain(taps, i, mode, dtype, one_sided))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
+    def version(dist):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    precision = port_details.get("jax_default_matmul_precision")
+    if precision is None and "jax" in sys.modules:
+        precision = str(sys.modules["jax"].config.jax_default_matmul_precision)
+    return {"dtype": dtype, "budget": budget, "budget_reason": tolerance(dtype).reason, "mode": mode,
+            "floor_ulps": FLOOR_ULPS, "matmul_precision": precision or "unknown",
+            "versions": {"python": platform.python_version(), "numpy": np.__version__,
+                         "jax": version("jax"), "jaxlib": version("jaxlib"), "ml_dtypes": version("ml_dtypes")}}
+
+
+def describe_inputs(ids: np.ndarray, mask: np.ndarray | None, seed: int | None) -> dict:
+    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    return {"seed": seed, "shape": list(ids.shape), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+            "padded_positions": 0 if mask is None else int((np.asarray(mask) == 0).sum())}
+
+
+def _validate(mode: str, dtype: str, budget) -> float:
+    if mode not in MODES:
+        raise EquivError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    if dtype not in DTYPES:
+        raise EquivError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if budget is None:
+        return tolerance(dtype).budget
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not (0 < budget < math.inf):
+        raise EquivError(f"budget: expected a finite number > 0, got {budget!r}")
+    return float(budget)
+
+
+def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumulated",
+                  dtype: str = "float32", budget: float | None = None,
+                  progress: Callable[[str], None] | None = None, seed: int | None = None) -> LayerwiseResult:
+    """Compare `model` (a LoadedModel) with `reference` (run in `dtype`) against `oracle` (the same
+    reference run in float64). `reference` and `oracle` provide run(ids, mask) -> {tap: array} and
+    provenance() -> dict. `progress(stage)` is told each stage as it starts."""
+    budget = _validate(mode, dtype, budget)
+    stage = progress or (lambda _stage: None)
+    ids = np.asarray(ids)
+    notes = [ISOLATED_APPROXIMATION] if mode == "isolated" else []
+
+    stage("oracle forward (float64)")
+    oracle_taps = oracle.run(ids, mask)
+    stage(f"reference forward ({dtype})")
+    ref_taps = reference.run(ids, mask)
+    port_order = list(model.tap_names)
+    if mode == "accumulated":
+        stage("port forward")
+        port_taps = model.forward(ids, mask, taps=True)
+    else:
+        stage("port forward (isolated)")
+        fed = {k: _in_compute_dtype(v, dtype) for k, v in oracle_taps.items()}
+        try:
+            port_taps = model.forward_isolated(ids, mask, fed)
+        except TapUnavailable as e:
+            port_taps = None
+            notes.append(f"the port cannot run isolated mode: {e}")
+    port_order += [k for k in (port_taps or {}) if k not in port_order]
+
+    stage("comparing")
+    order, port_only, reference_only = align_taps(port_order, list(ref_taps))
+    one_sided = {**{t: "port" for t in port_only}, **{t: "reference" for t in reference_only}}
+    taps = []
+    for name in order:
+        if name in one_sided:
+            taps.append(_one_sided(name, one_sided[name], dtype, budget))
+        elif port_taps is None:
+            taps.append(TapComparison(name=name, dtype=dtype, budget=budget, verdict="unavailable",
+                                      reason="the port cannot run this tap isolated"))
+        else:
+            taps.append(compare_tap(name, port_taps.get(name), ref_taps.get(name), oracle_taps.get(name),
+                                    dtype=dtype, budget=budget))
+
+    counts = [t.verdict for t in taps]
+    verdict = "divergent" if "fail" in counts else "equivalent" if "pass" in counts else "inconclusive"
+    info = model.info()
+    return LayerwiseResult(
+        mode=mode, dtype=dtype, budget=budget, taps=taps, port_only=port_only, reference_only=reference_only,
+        first_divergence=find_first_divergence(taps, mode, dtype, frozenset(one_sided)),
+        explanations={t.name: explain(taps, i, mode, dtype, frozenset(one_sided))
+                      for i, t in enumerate(taps) if t.verdict == "fail"},
+        verdict=verdict, inputs=describe_inputs(ids, mask, seed), port=asdict(info),
+        reference=dict(reference.provenance()), oracle=dict(oracle.provenance()),
+        settings=_settings(dtype, budget, mode, info.details), notes=notes)
