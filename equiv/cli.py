@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     except (EquivError, OSError) as e:
         progress.close()
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(message if isinstance(e, UsageError) and message.startswith("equiv") else f"equiv: error: {message}",
-              file=sys.stderr)
+        own_prefix = isinstance(e, UsageError) and message.startswith("equiv")
+        print(message if own_prefix else f"equiv: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         progress.close()

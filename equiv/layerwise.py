@@ -181,8 +181,8 @@ def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
         precision = str(sys.modules["jax"].config.jax_default_matmul_precision)
     return {"dtype": dtype, "budget": budget, "budget_reason": tolerance(dtype).reason, "mode": mode,
             "floor_ulps": FLOOR_ULPS, "matmul_precision": precision or "unknown",
-            "versions": {"python": platform.python_version(), "numpy": np.__version__,
-                         "jax": version("jax"), "jaxlib": version("jaxlib"), "ml_dtypes": version("ml_dtypes")}}
+            "versions": {"python": platform.python_version(), "numpy": np.__version__, "jax": version("jax"),
+                         "jaxlib": version("jaxlib"), "ml_dtypes": version("ml_dtypes")}}
 
 
 def describe_inputs(ids: np.ndarray, mask: np.ndarray | None, seed: int | None) -> dict:

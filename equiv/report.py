@@ -67,8 +67,8 @@ def summary_line(result: LayerwiseResult) -> str:
         fd = result.first_divergence
         head += f", first at {fd.tap} ({fmt_ratio(fd.ratio)})"
     if c["unavailable"]:
-        sides = [f"{c[k]} {label}" for k, label in (("port_only", "port-only"), ("reference_only", "ref-only"))
-                 if c[k]]
+        labels = (("port_only", "port-only"), ("reference_only", "ref-only"))
+        sides = [f"{c[k]} {label}" for k, label in labels if c[k]]
         head += f"; {c['unavailable']} n/a" + (f" ({', '.join(sides)})" if sides else "")
     return head
 
@@ -88,11 +88,13 @@ def _cut(name: str, width: int) -> str:
 
 def terminal_table(result: LayerwiseResult, limit: int = 20) -> str:
     """Worst taps first, first divergence marked '>', one summary line; no line over 80 columns."""
-    port, ref = result.port, result.reference
+    port, ref, inputs = result.port, result.reference, result.inputs
+    code_path = ref.get("code_path", "code path not reported")
     lines = _wrap(f"equiv diff: port {port.get('name')} {port.get('version')} vs reference "
-                  f"{ref.get('runner', ref.get('name', '?'))} ({ref.get('code_path', 'code path not reported')})")
+                  f"{ref.get('runner', ref.get('name', '?'))} ({code_path})")
+    shape = "x".join(map(str, inputs.get("shape", [])))
     lines += _wrap(f"{result.dtype}, {result.mode} mode, budget {result.budget:g}x the reference's error, "
-                   f"inputs {'x'.join(map(str, result.inputs.get('shape', [])))} seed {result.inputs.get('seed')}")
+                   f"inputs {shape} seed {inputs.get('seed')}")
     lines.append("")
     fmt = "{:2}{:<30} {:<6} {:>9} {:>9} {:>9} {:>9}"
     lines.append(fmt.format("", "tap", "", "ratio", "|port-o|", "|ref-o|", "|port-r|"))
@@ -142,7 +144,8 @@ def to_json_dict(result: LayerwiseResult) -> dict:
     taps = []
     for t in result.taps:
         kind, layer = tap_kind(t.name)
-        side = "port" if t.name in result.port_only else "reference" if t.name in result.reference_only else "both"
+        side = ("port" if t.name in result.port_only else
+                "reference" if t.name in result.reference_only else "both")
         taps.append({**t.to_dict(), "side": side, "kind": kind, "layer": layer,
                      "explanation": result.explanations.get(t.name)})
     fd = result.first_divergence
@@ -169,8 +172,8 @@ def read_report(path) -> dict:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise EquivError(f"report {path}: expected a readable JSON file, got {e}") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA or data.get("schema_version") != SCHEMA_VERSION:
-        got = (data.get("schema"), data.get("schema_version")) if isinstance(data, dict) else type(data).__name__
+    got = (data.get("schema"), data.get("schema_version")) if isinstance(data, dict) else type(data).__name__
+    if got != (SCHEMA, SCHEMA_VERSION):
         raise EquivError(f"report {path}: expected schema {SCHEMA!r} version {SCHEMA_VERSION}, got {got}")
     return data
 
@@ -195,8 +198,9 @@ def to_markdown(result: LayerwiseResult, worst: int = 10, max_failing: int = 30)
     out = [f"### ssm-equiv layer-wise diff: {result.verdict.upper()}", "", summary_line(result), ""]
     if result.first_divergence:
         out += [f"**First divergence:** {_md(result.first_divergence.explanation)}", ""]
+    inputs = result.inputs
     out += [f"_{result.dtype}, {result.mode} mode, budget {result.budget:g}x the reference's own error "
-            f"against the float64 oracle; inputs {result.inputs.get('shape')} seed {result.inputs.get('seed')}_", ""]
+            f"against the float64 oracle; inputs {inputs.get('shape')} seed {inputs.get('seed')}_", ""]
     failing = [t for t in result.taps if t.verdict == "fail"]
     passing = [t for t in by_severity(result) if t.verdict == "pass"][:worst]
     header = ["|  | tap | verdict | ratio | \\|port-oracle\\| | \\|ref-oracle\\| | \\|port-ref\\| | note |",

@@ -69,7 +69,8 @@ def ratio_plot_png(result: LayerwiseResult) -> bytes | None:
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
-.verdict-divergent { color: #b00020; } .verdict-equivalent { color: #1b5e20; } .verdict-inconclusive { color: #8a6d00; }
+.verdict-divergent { color: #b00020; } .verdict-equivalent { color: #1b5e20; }
+.verdict-inconclusive { color: #8a6d00; }
 table { border-collapse: collapse; font-size: 0.85em; }
 th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: left; vertical-align: top; }
 td.num { text-align: right; font-family: monospace; white-space: nowrap; } td.tap { font-family: monospace; }
@@ -106,9 +107,11 @@ def _tap_rows(result: LayerwiseResult) -> str:
     rows = []
     for t in result.taps:
         cls = "first" if t.name == fd else t.verdict
-        cells = [f'<td class="tap">{_e(t.name)}</td>', f"<td>{_e(verdict_label(result, t.name, t.verdict))}</td>"]
+        label = verdict_label(result, t.name, t.verdict)
+        cells = [f'<td class="tap">{_e(t.name)}</td>', f"<td>{_e(label)}</td>"]
         cells += [f'<td class="num">{_e(v)}</td>' for v in (
-            fmt_ratio(t.ratio), fmt_err(t.err_port), fmt_err(t.err_ref), fmt_err(t.raw_diff), fmt_err(t.floor),
+            fmt_ratio(t.ratio), fmt_err(t.err_port), fmt_err(t.err_ref), fmt_err(t.raw_diff),
+            fmt_err(t.floor),
             "-" if not math.isfinite(t.cosine) else f"{1 - t.cosine:.1e}",
             "-" if not math.isfinite(t.ulp_p99) else f"{t.ulp_p99:.4g}")]
         note = result.explanations.get(t.name, t.reason).removeprefix(f"{t.name}: ")
@@ -120,22 +123,26 @@ def _tap_rows(result: LayerwiseResult) -> str:
 def to_html(result: LayerwiseResult, png: bytes | None) -> str:
     """A self-contained page: the plot is embedded, nothing is fetched."""
     fd = result.first_divergence
-    plot = (f'<img alt="budget ratio per layer" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-            if png else "<p>(plot unavailable: matplotlib is not installed; pip install 'ssm-equiv[report]')</p>")
+    if png:
+        data = base64.b64encode(png).decode()
+        plot = f'<img alt="budget ratio per layer" src="data:image/png;base64,{data}">'
+    else:
+        plot = "<p>(plot unavailable: matplotlib is not installed; pip install 'ssm-equiv[report]')</p>"
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in result.notes)
     first = f"<p><b>First divergence:</b> {_e(fd.explanation)}</p>" if fd else ""
-    ref = result.reference
+    ref, verdict, settings = result.reference, _e(result.verdict), result.settings
+    runner, code_path = ref.get("runner", ref.get("name", "?")), ref.get("code_path", "not reported")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>ssm-equiv layer-wise diff: {_e(result.verdict)}</title>
 <style>{_CSS}</style></head><body>
-<h1>ssm-equiv layer-wise diff: <span class="verdict-{_e(result.verdict)}">{_e(result.verdict.upper())}</span></h1>
+<h1>ssm-equiv layer-wise diff: <span class="verdict-{verdict}">{verdict.upper()}</span></h1>
 <p>{_e(summary_line(result))}</p>
 {first}
 <p>Port <b>{_e(result.port.get("name"))}</b> {_e(result.port.get("version"))} against reference
-<b>{_e(ref.get("runner", ref.get("name", "?")))}</b> (code path: <b>{_e(ref.get("code_path", "not reported"))}</b>),
-{_e(result.dtype)}, {_e(result.mode)} mode. A tap passes when |port &minus; oracle| &le; {result.budget:g} &times;
-max(|reference &minus; oracle|, {_e(result.settings.get("floor_ulps"))} ULP); the oracle is the reference run in
-float64. Matmul precision: <b>{_e(result.settings.get("matmul_precision"))}</b>.</p>
+<b>{_e(runner)}</b> (code path: <b>{_e(code_path)}</b>), {_e(result.dtype)}, {_e(result.mode)} mode.
+A tap passes when |port &minus; oracle| &le; {result.budget:g} &times; max(|reference &minus; oracle|,
+{_e(settings.get("floor_ulps"))} ULP); the oracle is the reference run in float64.
+Matmul precision: <b>{_e(settings.get("matmul_precision"))}</b>.</p>
 {notes}
 <h2>Budget ratio per layer</h2>
 {plot}
