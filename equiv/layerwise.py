@@ -186,7 +186,7 @@ def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
 
 
 def describe_inputs(ids: np.ndarray, mask: np.ndarray | None, seed: int | None) -> dict:
-    ids = np.ascontiguousarray(ids, dtype=np.int32)
+    ids = np.ascontiguousarray(ids, dtype="<i4")  # little-endian int32, so the hash is portable
     return {"seed": seed, "shape": list(ids.shape), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
             "padded_positions": 0 if mask is None else int((np.asarray(mask) == 0).sum())}
 

@@ -8,7 +8,6 @@ parsed from the tap names (the first all-digit component is the layer index).
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import textwrap
@@ -151,7 +150,6 @@ def to_json_dict(result: LayerwiseResult) -> dict:
     fd = result.first_divergence
     return _jsonable({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "verdict": result.verdict, "summary": summary_line(result),
         "mode": result.mode, "dtype": result.dtype, "budget": result.budget, "counts": result.counts,
         "first_divergence": None if fd is None else {"tap": fd.tap, "index": fd.index, "ratio": fd.ratio,

@@ -222,3 +222,8 @@ def load_fake_reference(checkpoint_dir, dtype="float32") -> FakeRunner:
     """`--reference tests.fake_port:load_fake_reference`."""
     cfg, _ = read_checkpoint(checkpoint_dir)
     return FakeRunner(cfg, dtype)
+
+
+def NoIsolatedFakePort() -> FakePort:  # noqa: N802 (a factory standing in for a class in `--port`)
+    """`--port tests.fake_port:NoIsolatedFakePort`: raises TapUnavailable in isolated mode."""
+    return FakePort(isolated=False)
