@@ -204,9 +204,11 @@ def register_diff(subparsers) -> None:
 
 def run_diff(args, progress: Progress) -> int:
     from equiv.layerwise import run_layerwise
-    from equiv.report import terminal_table, write_reports
+    from equiv.report import prepare_out_dir, terminal_table, write_reports
 
     vocab = read_vocab_size(args.checkpoint)
+    if args.out is not None:
+        prepare_out_dir(args.out)
     ids = random_ids(vocab, args.batch, args.seq_len, args.seed)
     progress.stage(f"loading port {args.port} ({args.dtype})")
     model = load_port(args.port, args.checkpoint, args.dtype)

@@ -236,18 +236,25 @@ def _write(path: Path, data: str | bytes) -> None:
         raise ReportWriteError(f"report file {path}: cannot write ({e.strerror or e})") from None
 
 
+def prepare_out_dir(out_dir) -> Path:
+    """Create `out_dir` (and parents) or raise ReportWriteError; callers run it before long work
+    too, so a typo in --out fails in a second, not after the forwards."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportWriteError(f"report directory {out}: expected a directory, got a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportWriteError(f"report directory {out}: cannot create ({e.strerror or e})") from None
+    return out
+
+
 def write_reports(result: LayerwiseResult, out_dir) -> dict[str, Path]:
     """report.json, report.md, report.html and ratio.png in `out_dir` (created if missing).
     Raises ReportWriteError naming the path and the reason when it cannot be written."""
     from equiv.report_html import ratio_plot_png, to_html
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ReportWriteError(f"report directory {out}: cannot create ({e.strerror or e})") from None
-    if not out.is_dir():
-        raise ReportWriteError(f"report directory {out}: expected a directory, got a file")
+    out = prepare_out_dir(out_dir)
     paths = {name: out / name for name in ("report.json", "report.md", "report.html", "ratio.png")}
     _write(paths["report.json"], to_json(result))
     _write(paths["report.md"], to_markdown(result))
