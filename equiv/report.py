@@ -59,6 +59,14 @@ def by_severity(result: LayerwiseResult) -> list:
     return sorted(result.taps, key=key)
 
 
+def reference_label(provenance: dict) -> tuple[str, str]:
+    """(runner, code path) from a runner's provenance: `runner`/`code_path`, or the transformers
+    runner's `reference`/`path`; the keys belong to the runner, so absent ones say so."""
+    runner = provenance.get("runner") or provenance.get("reference") or provenance.get("name") or "?"
+    code_path = provenance.get("code_path") or provenance.get("path") or "code path not reported"
+    return str(runner), str(code_path)
+
+
 def summary_line(result: LayerwiseResult) -> str:
     c = result.counts
     head = f"{result.verdict.upper()}: {c['fail']}/{c['total']} taps fail"
@@ -88,9 +96,9 @@ def _cut(name: str, width: int) -> str:
 def terminal_table(result: LayerwiseResult, limit: int = 20) -> str:
     """Worst taps first, first divergence marked '>', one summary line; no line over 80 columns."""
     port, ref, inputs = result.port, result.reference, result.inputs
-    code_path = ref.get("code_path", "code path not reported")
+    runner, code_path = reference_label(ref)
     lines = _wrap(f"equiv diff: port {port.get('name')} {port.get('version')} vs reference "
-                  f"{ref.get('runner', ref.get('name', '?'))} ({code_path})")
+                  f"{runner} ({code_path})")
     shape = "x".join(map(str, inputs.get("shape", [])))
     lines += _wrap(f"{result.dtype}, {result.mode} mode, budget {result.budget:g}x the reference's error, "
                    f"inputs {shape} seed {inputs.get('seed')}")

@@ -15,7 +15,15 @@ import json
 import math
 
 from equiv.layerwise import LayerwiseResult
-from equiv.report import _jsonable, fmt_err, fmt_ratio, summary_line, tap_kind, verdict_label
+from equiv.report import (
+    _jsonable,
+    fmt_err,
+    fmt_ratio,
+    reference_label,
+    summary_line,
+    tap_kind,
+    verdict_label,
+)
 
 PLOT_FLOOR = 1e-3  # ratios of exactly 0 (port exact where the reference is not) drawn here on log y
 
@@ -131,7 +139,7 @@ def to_html(result: LayerwiseResult, png: bytes | None) -> str:
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in result.notes)
     first = f"<p><b>First divergence:</b> {_e(fd.explanation)}</p>" if fd else ""
     ref, verdict, settings = result.reference, _e(result.verdict), result.settings
-    runner, code_path = ref.get("runner", ref.get("name", "?")), ref.get("code_path", "not reported")
+    runner, code_path = reference_label(ref)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>ssm-equiv layer-wise diff: {_e(result.verdict)}</title>
 <style>{_CSS}</style></head><body>
