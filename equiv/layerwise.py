@@ -144,7 +144,7 @@ def explain(taps: list[TapComparison], index: int, mode: str, dtype: str, one_si
     t = taps[index]
     head = f"{t.name}: {_ratio_text(t, dtype)}"
     if mode == "isolated":
-        return f"{head} with the oracle's inputs fed in, so the defect is in this op"
+        return f"{head}; fed the oracle's inputs, this op alone is off, so the defect is in this op"
     upstream = taps[:index]
     failed = [u.name for u in upstream if u.verdict == "fail"]
     if failed:

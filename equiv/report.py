@@ -59,6 +59,16 @@ def by_severity(result: LayerwiseResult) -> list:
     return sorted(result.taps, key=key)
 
 
+def tap_note(result: LayerwiseResult, t) -> str:
+    """What a table row says beside its numbers: for a failing tap, where its explanation places
+    the defect (the ratio is already in its own column); otherwise the comparison's reason."""
+    if t.verdict != "fail":
+        return t.reason
+    explanation = result.explanations.get(t.name, t.reason).removeprefix(f"{t.name}: ")
+    _, sep, placement = explanation.partition("; ")
+    return placement if sep else explanation
+
+
 def reference_label(provenance: dict) -> tuple[str, str]:
     """(runner, code path) from a runner's provenance: `runner`/`code_path`, or the transformers
     runner's `reference`/`path`; the keys belong to the runner, so absent ones say so."""
@@ -194,7 +204,7 @@ def _md(text) -> str:
 
 def _md_row(result: LayerwiseResult, t) -> str:
     mark = "**>**" if result.first_divergence and t.name == result.first_divergence.tap else ""
-    note = result.explanations.get(t.name, "").removeprefix(f"{t.name}: ") if t.verdict == "fail" else ""
+    note = tap_note(result, t) if t.verdict == "fail" else ""
     return (f"| {mark} | `{t.name}` | {verdict_label(result, t.name, t.verdict)} | {fmt_ratio(t.ratio)} | "
             f"{fmt_err(t.err_port)} | {fmt_err(t.err_ref)} | {fmt_err(t.raw_diff)} | {_md(note)} |")
 

@@ -22,6 +22,7 @@ from equiv.report import (
     reference_label,
     summary_line,
     tap_kind,
+    tap_note,
     verdict_label,
 )
 
@@ -85,7 +86,7 @@ td.num { text-align: right; font-family: monospace; white-space: nowrap; } td.ta
 tr.fail { background: #fde7e9; } tr.first { background: #f8c4c9; font-weight: bold; }
 tr.unavailable { color: #777; }
 .prov td:first-child { font-weight: bold; white-space: nowrap; }
-.prov code { white-space: pre-wrap; word-break: break-all; }
+pre { white-space: pre-wrap; word-break: break-all; font-size: 0.8em; background: #f6f6f6; padding: 0.5em; }
 .note { background: #fff8e1; padding: 0.4em 0.8em; border-left: 3px solid #f0b400; }
 """
 
@@ -94,20 +95,50 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
-def _provenance_rows(result: LayerwiseResult) -> str:
-    def value(v):
-        v = _jsonable(v)
-        return _e(v) if isinstance(v, str | int | float) or v is None else f"<code>{_e(json.dumps(v))}</code>"
+PRECISION_WORDS = ("precision", "tf32", "deterministic")
 
-    rows = []
-    for side in ("reference", "oracle"):
-        block = getattr(result, side)
-        rows += [(f"{side}: {k}", v) for k, v in block.items()]
-    rows += [(f"port: {k}", v) for k, v in result.port.items() if k != "details"]
-    rows += [(f"port: {k}", v) for k, v in result.port.get("details", {}).items()]
-    rows += [(f"settings: {k}", v) for k, v in result.settings.items()]
-    rows += [(f"inputs: {k}", v) for k, v in result.inputs.items()]
-    return "\n".join(f"<tr><td>{_e(k)}</td><td>{value(v)}</td></tr>" for k, v in rows)
+
+def _find_flags(block, prefix: str = "") -> list[tuple[str, object]]:
+    """Every leaf whose key names a precision setting, at any depth of a provenance dict: the
+    runners' keys differ, the words they use for these settings do not."""
+    found = []
+    for k, v in (block or {}).items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            found += _find_flags(v, path + ".")
+        elif any(w in str(k).lower() for w in PRECISION_WORDS):
+            found.append((path, v))
+    return found
+
+
+def _versions(result: LayerwiseResult) -> str:
+    merged = {**(result.reference.get("versions") or {}), **result.settings.get("versions", {})}
+    return ", ".join(f"{k} {v}" for k, v in merged.items() if v is not None)
+
+
+def _header_rows(result: LayerwiseResult) -> str:
+    """The provenance a reader needs first: what ran on each side, versions, precision settings."""
+    runner, code_path = reference_label(result.reference)
+    details = result.port.get("details", {})
+    rows = [("port", f"{result.port.get('name')} {result.port.get('version')}"
+                     + "".join(f", {k} {details[k]}" for k in ("implementation", "backend") if k in details)),
+            ("reference", f"{runner}, code path: {code_path}"),
+            ("oracle", "{}, code path: {} (float64)".format(*reference_label(result.oracle))),
+            ("compared", f"{result.dtype}, {result.mode} mode, budget {result.budget:g}x"),
+            ("port matmul precision", result.settings.get("matmul_precision")),
+            *[(f"reference {k}", v) for k, v in _find_flags(result.reference)],
+            ("versions", _versions(result)),
+            ("inputs", "{} seed {}, ids sha256 {}".format(
+                "x".join(map(str, result.inputs.get("shape", []))), result.inputs.get("seed"),
+                str(result.inputs.get("ids_sha256"))[:16]))]
+    return "\n".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
+
+
+def _full_provenance(result: LayerwiseResult) -> str:
+    blocks = {"port": result.port, "reference": result.reference, "oracle": result.oracle,
+              "settings": result.settings, "inputs": result.inputs}
+    return "\n".join(f"<h3>{_e(name)}</h3><pre>{_e(json.dumps(_jsonable(b), indent=1))}</pre>"
+                     for name, b in blocks.items())
 
 
 def _tap_rows(result: LayerwiseResult) -> str:
@@ -120,10 +151,9 @@ def _tap_rows(result: LayerwiseResult) -> str:
         cells += [f'<td class="num">{_e(v)}</td>' for v in (
             fmt_ratio(t.ratio), fmt_err(t.err_port), fmt_err(t.err_ref), fmt_err(t.raw_diff),
             fmt_err(t.floor),
-            "-" if not math.isfinite(t.cosine) else f"{1 - t.cosine:.1e}",
+            "-" if not math.isfinite(t.cosine) else f"{max(0.0, 1 - t.cosine):.1e}",
             "-" if not math.isfinite(t.ulp_p99) else f"{t.ulp_p99:.4g}")]
-        note = result.explanations.get(t.name, t.reason).removeprefix(f"{t.name}: ")
-        cells.append(f"<td>{_e(note)}</td>")
+        cells.append(f"<td>{_e(tap_note(result, t))}</td>")
         rows.append(f'<tr class="{cls}">{"".join(cells)}</tr>')
     return "\n".join(rows)
 
@@ -138,31 +168,30 @@ def to_html(result: LayerwiseResult, png: bytes | None) -> str:
         plot = "<p>(plot unavailable: matplotlib is not installed; pip install 'ssm-equiv[report]')</p>"
     notes = "".join(f'<p class="note">{_e(n)}</p>' for n in result.notes)
     first = f"<p><b>First divergence:</b> {_e(fd.explanation)}</p>" if fd else ""
-    ref, verdict, settings = result.reference, _e(result.verdict), result.settings
-    runner, code_path = reference_label(ref)
+    verdict = _e(result.verdict)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>ssm-equiv layer-wise diff: {_e(result.verdict)}</title>
 <style>{_CSS}</style></head><body>
 <h1>ssm-equiv layer-wise diff: <span class="verdict-{verdict}">{verdict.upper()}</span></h1>
 <p>{_e(summary_line(result))}</p>
 {first}
-<p>Port <b>{_e(result.port.get("name"))}</b> {_e(result.port.get("version"))} against reference
-<b>{_e(runner)}</b> (code path: <b>{_e(code_path)}</b>), {_e(result.dtype)}, {_e(result.mode)} mode.
-A tap passes when |port &minus; oracle| &le; {result.budget:g} &times; max(|reference &minus; oracle|,
-{_e(settings.get("floor_ulps"))} ULP); the oracle is the reference run in float64.
-Matmul precision: <b>{_e(settings.get("matmul_precision"))}</b>.</p>
+<p>A tap passes when |port &minus; oracle| &le; {result.budget:g} &times; max(|reference &minus; oracle|,
+{_e(result.settings.get("floor_ulps"))} ULP), the oracle being the reference run in float64.</p>
 {notes}
+<table class="prov">
+{_header_rows(result)}
+</table>
 <h2>Budget ratio per layer</h2>
 {plot}
-<h2>Provenance</h2>
-<table class="prov">
-{_provenance_rows(result)}
-</table>
 <h2>All taps (execution order)</h2>
 <table>
 <tr><th>tap</th><th>verdict</th><th>ratio</th><th>|port&minus;oracle|</th><th>|ref&minus;oracle|</th>
 <th>|port&minus;ref|</th><th>floor</th><th>1&minus;cosine</th><th>ULP p99 (vs ref)</th><th>reason</th></tr>
 {_tap_rows(result)}
 </table>
+<h2>Provenance</h2>
+<details><summary>everything each side reported (JSON)</summary>
+{_full_provenance(result)}
+</details>
 </body></html>
 """

@@ -66,7 +66,8 @@ def test_isolated_mode_localises_what_accumulated_mode_smears():
     assert failing(acc) == names[names.index("layers.0.mix"):]  # the second defect is hidden in the smear
     assert failing(iso) == ["layers.0.mix", "layers.2.a"]
     assert iso.first_divergence.tap == "layers.0.mix"
-    assert "with the oracle's inputs fed in, so the defect is in this op" in iso.explanations["layers.2.a"]
+    assert "fed the oracle's inputs, this op alone is off, so the defect is in this op" \
+        in iso.explanations["layers.2.a"]
     assert any("accumulated* error" in n for n in iso.notes)  # the stated approximation
     assert not acc.notes
 

@@ -3,6 +3,7 @@ table fits 80 columns, Markdown / HTML / PNG are produced, an unwritable directo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -23,6 +24,7 @@ from equiv.report import (
     to_markdown,
     write_reports,
 )
+from equiv.report_html import to_html
 from tests.fake_port import Defect, FakeConfig, FakeModel, FakeRunner
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report-schema.md"
@@ -129,6 +131,8 @@ def test_markdown_summary_failing_table_and_provenance(divergent, written):
     failing = [t.name for t in divergent.taps if t.verdict == "fail"]
     for name in failing:
         assert f"| `{name}` | FAIL |" in md
+    assert "| every upstream tap is within budget, so the defect is in this op |" in md
+    assert "| upstream tap layers.5.mix already diverged, so this may only be its consequence" in md
     assert "**Worst passing taps**" in md and "<details><summary>Provenance</summary>" in md
     assert '\\"code_path\\"' not in md and '"code_path": "numpy triangular-matmul mean"' in md
     table_rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
@@ -145,6 +149,20 @@ def test_html_is_self_contained_with_plot_provenance_and_every_tap(divergent, wr
     for t in divergent.taps:
         assert f'<td class="tap">{t.name}</td>' in page
     assert page.count('class="first"') == 1
+
+
+def test_html_header_names_code_path_versions_and_precision_flags_of_any_runner(divergent):
+    """The runner's provenance keys are its own; the header finds precision settings at any depth."""
+    prov = {"reference": "transformers Mamba2ForCausalLM", "path": "torch fallback",
+            "versions": {"torch": "2.13.0+cpu"},
+            "environment": {"torch_float32_matmul_precision": "highest", "cuda_matmul_allow_tf32": False}}
+    page = to_html(dataclasses.replace(divergent, reference=prov), None)
+    header = page.split('<table class="prov">', 1)[1].split("</table>", 1)[0]
+    assert "transformers Mamba2ForCausalLM, code path: torch fallback" in header
+    assert "<td>reference environment.torch_float32_matmul_precision</td><td>highest</td>" in header
+    assert "<td>reference environment.cuda_matmul_allow_tf32</td><td>False</td>" in header
+    assert "torch 2.13.0+cpu" in header and f"numpy {np.__version__}" in header
+    assert "plot unavailable" in page  # no PNG given: said so, not a broken image
 
 
 def test_isolated_report_states_the_approximation(tmp_path):
