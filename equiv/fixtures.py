@@ -1,0 +1,109 @@
+"""The bundled fixtures and their integrity: fixtures/<name>/ directories listed, with a sha256 and
+size per file, in fixtures/manifest.json (written by `python -m reference.manifest`).
+
+A fixture that does not match its manifest entry (a changed, missing or extra file) raises
+`FixtureIntegrityError` naming every offending file with the expected and actual sha256, before
+anything is computed from it: a silently regenerated or corrupted checkpoint would otherwise show
+up as a numerical "divergence" with a misleading cause.
+
+The root is the repository's fixtures/ unless SSM_EQUIV_FIXTURES names another directory.
+No torch here: the golden-replay path runs where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from equiv.errors import EquivError, FixtureIntegrityError, format_mismatches
+
+MANIFEST = "manifest.json"
+SCHEMA = {"schema": "ssm-equiv/fixtures-manifest", "schema_version": 1}
+IGNORED = frozenset({"__pycache__", ".DS_Store"})
+"""Names never counted as fixture files (interpreter and OS droppings)."""
+
+
+class UnknownFixture(EquivError):
+    """A fixture name that is not in the manifest."""
+
+
+def fixtures_root(root: str | Path | None = None) -> Path:
+    if root is not None:
+        return Path(root)
+    env = os.environ.get("SSM_EQUIV_FIXTURES")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def scan_files(directory: Path) -> dict[str, dict]:
+    """{relative posix path: {"sha256", "size"}} for every file under `directory`, sorted."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory)
+        if any(part in IGNORED for part in rel.parts) or not path.is_file():
+            continue
+        out[rel.as_posix()] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return out
+
+
+def read_manifest(root: str | Path | None = None) -> dict:
+    path = fixtures_root(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FixtureIntegrityError(f"fixtures manifest: expected {path}, it does not exist "
+                                    "(write it with `python -m reference.manifest`)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FixtureIntegrityError(f"fixtures manifest {path}: expected valid JSON, got "
+                                    f"{type(e).__name__}: {e}") from None
+    if not isinstance(manifest, dict) or {k: manifest.get(k) for k in SCHEMA} != SCHEMA:
+        got = {k: manifest.get(k) for k in SCHEMA} if isinstance(manifest, dict) else type(manifest).__name__
+        raise FixtureIntegrityError(f"fixtures manifest {path}: expected {SCHEMA}, got {got}")
+    return manifest
+
+
+def list_fixtures(root: str | Path | None = None) -> list[str]:
+    """Fixture names in the manifest, sorted."""
+    return sorted(read_manifest(root)["fixtures"])
+
+
+def fixture_dir(name: str, root: str | Path | None = None) -> Path:
+    """The directory of fixture `name` (must be in the manifest and exist)."""
+    names = list_fixtures(root)
+    if name not in names:
+        raise UnknownFixture(f"fixture: expected one of {names}, got {name!r}")
+    path = fixtures_root(root) / name
+    if not path.is_dir():
+        raise FixtureIntegrityError(f"fixture {name!r}: expected directory {path}, it does not exist")
+    return path
+
+
+def verify_fixture(name: str, root: str | Path | None = None) -> Path:
+    """Check every file of fixture `name` against the manifest; return its directory.
+    Raises FixtureIntegrityError listing every changed, missing and extra file at once."""
+    path = fixture_dir(name, root)
+    expected = read_manifest(root)["fixtures"][name]["files"]
+    actual = scan_files(path)
+    problems = []
+    for rel in sorted(set(expected) | set(actual)):
+        want, got = expected.get(rel), actual.get(rel)
+        if got is None:
+            problems.append(f"{rel}: missing (expected sha256 {want['sha256']}, {want['size']} bytes)")
+        elif want is None:
+            problems.append(f"{rel}: extra file not in the manifest (sha256 {got['sha256']}, {got['size']} bytes)")
+        elif want["sha256"] != got["sha256"]:
+            problems.append(f"{rel}: expected sha256 {want['sha256']} ({want['size']} bytes), "
+                            f"got {got['sha256']} ({got['size']} bytes)")
+    if problems:
+        raise FixtureIntegrityError(format_mismatches(f"fixture {name!r} ({path}) does not match "
+                                                      f"{fixtures_root(root) / MANIFEST}", problems))
+    return path

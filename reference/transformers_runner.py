@@ -1,0 +1,234 @@
+"""The PyTorch reference: transformers `Mamba2ForCausalLM` (5.23, torch fallback path) with taps.
+
+Everything in and out is numpy: ids int32 (b, l), mask (b, l) of 0/1 or None, taps keyed by the
+canonical names of equiv/mamba2/taps.py, in the run dtype (float64 for the oracle, bf16 values as
+float32). Taps are captured with forward hooks / forward pre-hooks on the library's own modules,
+never by editing it. Mirrors `Mamba2Mixer.forward` / `Mamba2Block.forward` of
+transformers/models/mamba2/modeling_mamba2.py.
+
+Float64 is the oracle: transformers casts to float32 internally whatever the model dtype
+(reference/float64_oracle.py lists where), so float64 runs go through `Float64Lift` unless
+`lift_float32_casts=False` asks for the library's literal behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from equiv.errors import ConfigError, EquivError
+from equiv.inputs import check_tokens
+from equiv.mamba2.taps import tap_names
+from equiv.ports import GenerateResult
+from reference import provenance as prov
+from reference.float64_oracle import Float64Lift
+
+# ---------------------------------------------------------------------------------------------
+# The tap map for Mamba-2: canonical tap -> (module of Mamba2ForCausalLM, what is captured).
+#   output : the module's forward output (forward hook)
+#   input0 : the module's first positional input (forward pre-hook)
+#   derived: recomputed after the forward from other captured taps (no module runs it: in 5.23 the
+#            conv is the module-level function `causal_conv1d_fn`, called with conv1d's weights)
+TAP_MAP = (
+    ("embed", "backbone.embeddings", "output"),
+    ("layers.{i}.norm", "backbone.layers.{i}.norm", "output"),
+    ("layers.{i}.mixer.in_proj", "backbone.layers.{i}.mixer.in_proj", "output"),
+    ("layers.{i}.mixer.conv", "backbone.layers.{i}.mixer", "derived"),
+    ("layers.{i}.mixer.ssm", "backbone.layers.{i}.mixer.norm", "input0"),  # scan output incl. D skip
+    ("layers.{i}.mixer.gated_norm", "backbone.layers.{i}.mixer.norm", "output"),
+    ("layers.{i}.mixer.out_proj", "backbone.layers.{i}.mixer.out_proj", "output"),
+    ("layers.{i}", "backbone.layers.{i}", "output"),
+    ("norm_f", "backbone.norm_f", "output"),
+    ("logits", "lm_head", "output"),  # before Mamba2ForCausalLM's `.float()`: the run dtype
+)
+DERIVED = {"layers.{i}.mixer.conv": "modeling_mamba2.causal_conv1d_fn (torch body) on the captured in_proj "
+                                    "xBC slice with mixer.conv1d's weight/bias and SiLU, then "
+                                    "apply_mask_to_padding_states with the mask the mixer received, "
+                                    "exactly as Mamba2Mixer.forward (no-cache branch)"}
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+class ReferenceError(EquivError):
+    """The reference cannot run as asked (bad dtype, missing checkpoint, wrong device)."""
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+
+class TransformersRunner:
+    """`run`, `step_logits`, `generate`, `provenance` over one checkpoint in one dtype."""
+
+    name = "transformers"
+
+    def __init__(self, checkpoint_dir: str | Path, dtype: str = "float32", *, device: str = "cpu",
+                 lift_float32_casts: bool | None = None):
+        if dtype not in DTYPES:
+            raise ReferenceError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        checkpoint_dir = Path(checkpoint_dir)
+        if not (checkpoint_dir / "config.json").is_file():
+            raise ReferenceError(f"checkpoint: expected {checkpoint_dir}/config.json, it does not exist")
+        self.mm = prov.import_modeling_mamba2()
+        self.dtype, self.device, self.checkpoint = dtype, device, str(checkpoint_dir)
+        self.lift = (dtype == "float64") if lift_float32_casts is None else bool(lift_float32_casts)
+        if self.lift and dtype != "float64":
+            raise ReferenceError(f"lift_float32_casts: only meaningful for float64, got dtype {dtype!r}")
+        from transformers import GenerationConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        with prov.kernel_packages_hidden():
+            model = self.mm.Mamba2ForCausalLM.from_pretrained(checkpoint_dir, local_files_only=True,
+                                                              dtype=torch.float32)
+        self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
+        self.config = model.config
+        if self.config.model_type != "mamba2":
+            raise ConfigError(f"{checkpoint_dir}: expected model_type 'mamba2', got {self.config.model_type!r}")
+        # generation stops only at the eos a caller passes (the checkpoint's own eos/bos ignored)
+        self.pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
+        self.n_layers = self.config.num_hidden_layers
+        self.tap_names = tap_names(self.n_layers)
+        self.recorder = prov.DispatchRecorder(self.mm)
+        self.lifted_sites: dict[str, int] = {}
+
+    # ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _running(self):
+        """no_grad + the dispatch recorder + (float64) the cast lift, for every model call."""
+        lift = Float64Lift() if self.lift else contextlib.nullcontext()
+        with torch.no_grad(), self.recorder, lift:
+            yield
+        if self.lift:
+            for site, n in lift.sites.items():
+                self.lifted_sites[site] = self.lifted_sites.get(site, 0) + n
+
+    def _inputs(self, ids, mask):
+        ids, mask = check_tokens(ids, self.config.vocab_size, mask)
+        t_ids = torch.from_numpy(ids.astype(np.int64)).to(self.device)
+        t_mask = None if mask is None else torch.from_numpy(mask.astype(np.int64)).to(self.device)
+        return t_ids, t_mask
+
+    def _modules(self):
+        named = dict(self.model.named_modules())
+        for tap, path, kind in TAP_MAP:
+            for i in range(self.n_layers) if "{i}" in tap else [None]:
+                yield tap.format(i=i), named[path.format(i=i)], kind
+
+    def run(self, ids, mask=None) -> dict[str, np.ndarray]:
+        """Full forward without a cache; every canonical tap."""
+        t_ids, t_mask = self._inputs(ids, mask)
+        captured: dict[str, torch.Tensor] = {}
+        mixer_masks: dict[int, torch.Tensor | None] = {}
+        handles = []
+
+        def keep(name, kind):
+            if kind == "output":
+                return lambda mod, args, out: captured.__setitem__(name, out)
+            return lambda mod, args: captured.__setitem__(name, args[0])
+
+        for name, module, kind in self._modules():
+            if kind == "output":
+                handles.append(module.register_forward_hook(keep(name, kind)))
+            elif kind == "input0":
+                handles.append(module.register_forward_pre_hook(keep(name, kind)))
+            else:  # derived conv: remember the padding mask this mixer actually received
+                i = int(name.split(".")[1])
+                handles.append(module.register_forward_pre_hook(
+                    lambda mod, args, kwargs, i=i: mixer_masks.__setitem__(i, kwargs.get("attention_mask")),
+                    with_kwargs=True))
+        try:
+            with self._running():
+                self.model(input_ids=t_ids, attention_mask=t_mask, use_cache=False)
+                for i in range(self.n_layers):
+                    captured[f"layers.{i}.mixer.conv"] = self._derived_conv(
+                        i, captured[f"layers.{i}.mixer.in_proj"], mixer_masks[i])
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: _numpy(captured[name]) for name in self.tap_names}
+
+    def _derived_conv(self, i: int, zxbcdt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Mirrors Mamba2Mixer.forward steps 2-3 (no cache): causal conv + SiLU, then the mask."""
+        mixer = self.model.backbone.layers[i].mixer
+        e, conv_dim = mixer.intermediate_size, mixer.conv_dim
+        xbc = zxbcdt[..., e:e + conv_dim].transpose(1, 2)  # b c l
+        conv = self.recorder.torch_body("causal_conv1d_fn")(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                                                    activation=mixer.activation)
+        return self.mm.apply_mask_to_padding_states(conv.transpose(1, 2), mask)  # b l c
+
+    def step_logits(self, ids, mask, prompt_len: int) -> np.ndarray:
+        """Teacher forcing through the cache, as `generate` drives it: prefill ids[:, :prompt_len]
+        (use_cache=True, a fresh DynamicCache), then one token per call with `cache_params`; the
+        padding mask only reaches the prefill (Mamba2ForCausalLM.prepare_inputs_for_generation
+        drops it after the first iteration). Returns (b, l - prompt_len + 1, v)."""
+        t_ids, t_mask = self._inputs(ids, mask)
+        l = t_ids.shape[1]
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int | np.integer) or not 1 <= prompt_len <= l:
+            raise ReferenceError(f"prompt_len: expected an int in [1, l={l}], got {prompt_len!r}")
+        from transformers import DynamicCache
+
+        steps = []
+        with self._running():
+            cache = DynamicCache(config=self.config)  # what generate hands the prefill
+            out = self.model(input_ids=t_ids[:, :prompt_len], cache_params=cache, use_cache=True,
+                             attention_mask=None if t_mask is None else t_mask[:, :prompt_len])
+            steps.append(out.logits[:, -1])
+            for t in range(prompt_len, l):
+                out = self.model(input_ids=t_ids[:, t:t + 1], cache_params=cache, use_cache=True)
+                steps.append(out.logits[:, -1])
+        return _numpy(torch.stack(steps, dim=1))
+
+    def generate(self, prompt, mask=None, max_new_tokens: int = 32, eos_id: int | None = None) -> GenerateResult:
+        """transformers `generate(do_sample=False)`; margins = top-1 minus top-2 raw logit per step,
+        NaN after a row's eos (its later tokens are pad, as in the port)."""
+        t_ids, t_mask = self._inputs(prompt, mask)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ReferenceError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+        if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
+            raise ReferenceError(f"eos_id: expected None or an id in [0, {self.config.vocab_size}), got {eos_id}")
+        if t_mask is None:
+            t_mask = torch.ones_like(t_ids)
+        with self._running():
+            out = self.model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=False, num_beams=1,
+                                      max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                                      pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True)
+        tokens = out.sequences[:, t_ids.shape[1]:].cpu().numpy().astype(np.int32)
+        logits = torch.stack(out.logits, dim=1).double()  # b T v
+        top2 = torch.topk(logits, 2, dim=-1).values
+        margins = (top2[..., 0] - top2[..., 1]).cpu().numpy().astype(np.float32)
+        if eos_id is not None:
+            after_eos = np.cumsum(tokens == eos_id, axis=1) - (tokens == eos_id) > 0
+            margins[after_eos] = np.nan
+        return GenerateResult(tokens, margins, int(tokens.shape[1]))
+
+    # ----------------------------------------------------------------------------------------
+    def provenance(self) -> dict:
+        """JSON-serialisable: versions, which code path ran, precision settings, derived taps."""
+        paths = self.recorder.record()
+        return {
+            "reference": "transformers Mamba2ForCausalLM",
+            "checkpoint": self.checkpoint,
+            "dtype": self.dtype,
+            "versions": prov.versions(),
+            "code_paths": paths,
+            "path": "torch fallback",
+            "kernel_control": {
+                **prov.import_record(),
+                "blocked_packages": list(prov.KERNEL_PACKAGES),
+                "why": "transformers binds mamba_ssm / causal_conv1d kernels when they are importable at its "
+                       "first import of modeling_mamba2, and they crash a CPU forward; the reference is "
+                       "defined as the torch fallback (design.md), so the packages are hidden at that import "
+                       "and every dispatched call runs the torch body",
+            },
+            "float64_lift": {"active": self.lift, "lifted_casts": dict(sorted(self.lifted_sites.items()))}
+            if self.dtype == "float64" else None,
+            "environment": prov.environment(self.device),
+            "derived_taps": {k.replace("{i}", "*"): v for k, v in DERIVED.items()},
+            "tap_map": {tap: f"{path} ({kind})" for tap, path, kind in TAP_MAP},
+        }
