@@ -37,8 +37,8 @@ DTYPES = ("float32", "bfloat16")
 ISOLATED_APPROXIMATION = (
     "isolated mode: each port tap is computed from the oracle's inputs to it (cast to the compared "
     "dtype) and compared with the oracle; the budget's denominator is the reference's *accumulated* "
-    "error at that tap (the reference is not re-run op by op), an upper bound on its per-op error, so "
-    "the ratio is lenient by up to the reference's upstream error growth")
+    "error at that tap (the reference is not re-run op by op), which is usually larger than its per-op "
+    "error, so the ratio leans lenient by about the reference's upstream error growth")
 
 
 @dataclass
