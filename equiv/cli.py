@@ -217,12 +217,13 @@ def run_diff(args, progress: Progress) -> int:
     oracle = load_reference(args.reference, args.checkpoint, "float64")
     result = run_layerwise(model, reference, oracle, ids, None, mode=args.mode, dtype=args.dtype,
                            budget=args.budget, progress=progress.stage, seed=args.seed)
+    progress.close()
+    sys.stdout.write(terminal_table(result))  # first, so a failing write still shows the result
+    sys.stdout.flush()
     if args.out is not None:
         progress.stage(f"writing reports to {args.out}")
         write_reports(result, args.out)
-    progress.close()
-    sys.stdout.write(terminal_table(result))
-    sys.stdout.flush()
+        progress.close()
     if result.verdict == "inconclusive":
         raise EquivError(f"no tap could be compared ({result.counts['unavailable']} unavailable); "
                          + (result.notes[-1] if result.notes else "see the table"))

@@ -161,3 +161,21 @@ def test_vocab_comes_from_config(capsys, tmp_path):
     capsys.readouterr()
     shape = json.loads((out_dir / "report.json").read_text())["taps"][-1]["shape"]
     assert shape == [2, 40, 3]  # logits (b, l, v): the ids were drawn in [0, 3) or the fake would fail
+
+
+def register(subparsers):
+    """A subcommand contributed by another module (the extension point `decode` and `check` use)."""
+    p = subparsers.add_parser("hello")
+    p.add_argument("--times", type=int, default=1)
+    p.set_defaults(func=lambda args, progress: print("hello " * args.times) or 0)
+
+
+def test_other_modules_register_subcommands(capsys, monkeypatch):
+    import equiv.cli
+
+    monkeypatch.setattr(equiv.cli, "SUBCOMMAND_MODULES", ("tests.test_cli", "equiv.no_such_cli_module"))
+    code, out, _ = run_cli(capsys, "hello", "--times", "2")
+    assert code == 0 and out == "hello hello \n"
+    code, _, err = run_cli(capsys, "hello", "--times", "x")
+    assert code == 2
+    assert_one_line_error(err, "equiv hello: error: argument --times")
