@@ -61,6 +61,9 @@ def ratio_plot_png(result: LayerwiseResult) -> bytes | None:
             ax.text(0.5, 0.5, "no per-layer taps with a measured ratio", ha="center", va="center",
                     transform=ax.transAxes)
         ax.set_yscale("log")
+        bottom, top = ax.get_ylim()
+        # keep the budget line off the plot edge
+        ax.set_ylim(min(bottom, result.budget / 10), max(top, result.budget * 3))
         ax.set_xlabel("layer index")
         ax.set_ylabel("|port - oracle| / reference's error")
         ax.set_title(f"error-budget ratio per layer ({result.dtype}, {result.mode})")
