@@ -101,7 +101,12 @@ def resolve_port(spec: str) -> Port:
         obj = getattr(module, attr)
     except AttributeError:
         raise PortError(f"port {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    port = obj if isinstance(obj, Port) else obj() if callable(obj) else obj
+    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Port)):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise PortError(f"port {spec!r}: {attr} must be a Port or take no arguments ({e})") from None
+    port = obj
     if not isinstance(port, Port):
         raise PortError(f"port {spec!r}: expected an object with .name and .load(checkpoint_dir, dtype), "
                         f"got {type(port).__name__}")
