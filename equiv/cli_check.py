@@ -1,0 +1,30 @@
+"""`equiv check`: the main job (see equiv/check.py), as run by `nox -s equivalence`.
+
+    equiv check [--fixture NAME ...] [--golden] [--port NAME|module:attr] [--no-ssd] [--out DIR]
+
+Exit codes: 0 everything equivalent, 1 any divergence, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("check", help="the main job: every fixture, layer-wise + decode + SSD duality",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--fixture", action="append", dest="fixtures", metavar="NAME",
+                   help="check only this fixture (repeatable); default: every fixture in fixtures/")
+    p.add_argument("--golden", action="store_true",
+                   help="replay recorded reference outputs (fixtures/golden/) instead of running torch")
+    p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
+    p.add_argument("--no-ssd", action="store_true", help="skip the SSD duality property suite")
+    p.add_argument("--out", default="equivalence-report", help="report directory (default: equivalence-report)")
+    p.set_defaults(func=run_check)
+
+
+def run_check(args, progress) -> int:
+    from equiv.check import run_main_job
+
+    return run_main_job(args.fixtures, Path(args.out), golden=args.golden, port_spec=args.port,
+                        ssd=not args.no_ssd, progress=progress.stage)
