@@ -99,7 +99,8 @@ def verify_fixture(name: str, root: str | Path | None = None) -> Path:
         if got is None:
             problems.append(f"{rel}: missing (expected sha256 {want['sha256']}, {want['size']} bytes)")
         elif want is None:
-            problems.append(f"{rel}: extra file not in the manifest (sha256 {got['sha256']}, {got['size']} bytes)")
+            problems.append(f"{rel}: extra file not in the manifest "
+                            f"(sha256 {got['sha256']}, {got['size']} bytes)")
         elif want["sha256"] != got["sha256"]:
             problems.append(f"{rel}: expected sha256 {want['sha256']} ({want['size']} bytes), "
                             f"got {got['sha256']} ({got['size']} bytes)")

@@ -137,7 +137,8 @@ def generator_record(spec: TinySpec) -> dict:
     """What manifest.py copies into fixtures/manifest.json for this fixture."""
     kw = spec.config_kwargs()
     kw["time_step_limit"] = [float(x) if math.isfinite(x) else "inf" for x in kw["time_step_limit"]]
-    return {"generator": GENERATOR, "seed": spec.seed, "rng": f"numpy PCG64 (numpy.random.default_rng({spec.seed}))",
+    return {"generator": GENERATOR, "seed": spec.seed,
+            "rng": f"numpy PCG64 (numpy.random.default_rng({spec.seed}))",
             "purpose": spec.purpose, "params": kw, "versions": fixture_versions()}
 
 

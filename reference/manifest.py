@@ -31,7 +31,8 @@ _VERSION_KEYS = ("python", "torch", "transformers", "numpy", "safetensors", "mam
 def _from_training(record: dict) -> dict:
     return {"generator": "reference.train_byte_model",
             "seed": record.get("train_config", {}).get("seed"),
-            "params": {"model_config": record.get("model_config"), "train_config": record.get("train_config")},
+            "params": {"model_config": record.get("model_config"),
+                       "train_config": record.get("train_config")},
             "versions": {k: v for k, v in record.get("versions", {}).items() if k in _VERSION_KEYS},
             "source": "training.json"}
 
@@ -61,7 +62,8 @@ def build_manifest(root: Path) -> dict:
         files = scan_files(directory)
         if not files:
             continue
-        fixtures[directory.name] = {"files": files, "generator": generator_of(directory, old.get(directory.name)),
+        fixtures[directory.name] = {"files": files,
+                                    "generator": generator_of(directory, old.get(directory.name)),
                                     "total_bytes": sum(f["size"] for f in files.values())}
     return {**SCHEMA, "fixtures": fixtures}
 
@@ -76,7 +78,8 @@ def write_manifest(root: str | Path | None = None) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=None, help="fixtures root (default: the repository's fixtures/)")
+    ap.add_argument("--root", type=Path, default=None,
+                    help="fixtures root (default: the repository's fixtures/)")
     args = ap.parse_args(argv)
     path = write_manifest(args.root)
     manifest = json.loads(path.read_text())

@@ -158,10 +158,12 @@ class DispatchRecorder:
         out = {}
         for name, key in DISPATCHED.items():
             bound = self.bound[name]
-            why = ("transformers bound its torch body (kernel packages hidden at import)" if bound == "torch fallback"
+            why = ("transformers bound its torch body (kernel packages hidden at import)"
+                   if bound == "torch fallback"
                    else f"bound to {bound} by an earlier import; bypassed at call time")
-            out[key] = {"function": f"modeling_mamba2.{name}", "ran": "torch fallback" if self.calls[name] else
-                        "not called", "calls": self.calls[name], "bound_at_import": bound, "why": why}
+            out[key] = {"function": f"modeling_mamba2.{name}",
+                        "ran": "torch fallback" if self.calls[name] else "not called",
+                        "calls": self.calls[name], "bound_at_import": bound, "why": why}
         return out
 
 

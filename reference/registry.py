@@ -38,9 +38,9 @@ def load_reference(name: str, checkpoint_dir: str | Path, dtype: str = "float32"
     if name == "mamba_ssm":
         if not torch.cuda.is_available():
             raise ReferenceUnavailable(
-                "reference 'mamba_ssm': MambaLMHeadModel runs mamba_ssm's Triton/CUDA kernels and needs a CUDA "
-                f"GPU; this machine has none (torch {torch.__version__}, torch.cuda.is_available() is False). "
-                "Use --reference transformers here, or run on a GPU machine (nox -s gpu)")
+                "reference 'mamba_ssm': MambaLMHeadModel runs mamba_ssm's Triton/CUDA kernels and needs a "
+                f"CUDA GPU; this machine has none (torch {torch.__version__}, torch.cuda.is_available() is "
+                "False). Use --reference transformers here, or run on a GPU machine (nox -s gpu)")
         raise ReferenceUnavailable(
             "reference 'mamba_ssm': the MambaLMHeadModel runner is not implemented yet; use --reference "
             "transformers (its kernels are exercised at the SSD level by reference/gpu_run.py)")

@@ -88,7 +88,8 @@ class TransformersRunner:
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.config = model.config
         if self.config.model_type != "mamba2":
-            raise ConfigError(f"{checkpoint_dir}: expected model_type 'mamba2', got {self.config.model_type!r}")
+            raise ConfigError(f"{checkpoint_dir}: expected model_type 'mamba2', "
+                              f"got {self.config.model_type!r}")
         # generation stops only at the eos a caller passes (the checkpoint's own eos/bos ignored)
         self.pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
@@ -158,8 +159,9 @@ class TransformersRunner:
         mixer = self.model.backbone.layers[i].mixer
         e, conv_dim = mixer.intermediate_size, mixer.conv_dim
         xbc = zxbcdt[..., e:e + conv_dim].transpose(1, 2)  # b c l
-        conv = self.recorder.torch_body("causal_conv1d_fn")(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
-                                                    activation=mixer.activation)
+        causal_conv1d_fn = self.recorder.torch_body("causal_conv1d_fn")
+        conv = causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                                activation=mixer.activation)
         return self.mm.apply_mask_to_padding_states(conv.transpose(1, 2), mask)  # b l c
 
     def step_logits(self, ids, mask, prompt_len: int) -> np.ndarray:
@@ -169,7 +171,8 @@ class TransformersRunner:
         drops it after the first iteration). Returns (b, l - prompt_len + 1, v)."""
         t_ids, t_mask = self._inputs(ids, mask)
         l = t_ids.shape[1]
-        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int | np.integer) or not 1 <= prompt_len <= l:
+        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int | np.integer) \
+                or not 1 <= prompt_len <= l:
             raise ReferenceError(f"prompt_len: expected an int in [1, l={l}], got {prompt_len!r}")
         from transformers import DynamicCache
 
@@ -184,20 +187,23 @@ class TransformersRunner:
                 steps.append(out.logits[:, -1])
         return _numpy(torch.stack(steps, dim=1))
 
-    def generate(self, prompt, mask=None, max_new_tokens: int = 32, eos_id: int | None = None) -> GenerateResult:
+    def generate(self, prompt, mask=None, max_new_tokens: int = 32,
+                 eos_id: int | None = None) -> GenerateResult:
         """transformers `generate(do_sample=False)`; margins = top-1 minus top-2 raw logit per step,
         NaN after a row's eos (its later tokens are pad, as in the port)."""
         t_ids, t_mask = self._inputs(prompt, mask)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ReferenceError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         if eos_id is not None and not 0 <= eos_id < self.config.vocab_size:
-            raise ReferenceError(f"eos_id: expected None or an id in [0, {self.config.vocab_size}), got {eos_id}")
+            raise ReferenceError(f"eos_id: expected None or an id in [0, {self.config.vocab_size}), "
+                                 f"got {eos_id}")
         if t_mask is None:
             t_mask = torch.ones_like(t_ids)
         with self._running():
             out = self.model.generate(input_ids=t_ids, attention_mask=t_mask, do_sample=False, num_beams=1,
                                       max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                                      pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True)
+                                      pad_token_id=self.pad_id, output_logits=True,
+                                      return_dict_in_generate=True)
         tokens = out.sequences[:, t_ids.shape[1]:].cpu().numpy().astype(np.int32)
         logits = torch.stack(out.logits, dim=1).double()  # b T v
         top2 = torch.topk(logits, 2, dim=-1).values
@@ -208,6 +214,21 @@ class TransformersRunner:
         return GenerateResult(tokens, margins, int(tokens.shape[1]))
 
     # ----------------------------------------------------------------------------------------
+    def _known_defects(self) -> list[str]:
+        """Where this reference is known to be wrong for this checkpoint (so a report can say so)."""
+        out = []
+        lo, hi = self.config.time_step_limit
+        if (lo, hi) != (0.0, float("inf")):
+            out.append(f"time_step_limit={[lo, hi]}: transformers' cached decode step "
+                       "(mamba2_selective_state_update) does not clamp dt, its full forward does: "
+                       "step_logits and generate differ from run() (known-bugs.md row 4, transformers#35154)")
+        if self.config.use_bias:
+            out.append("use_bias=True: Mamba2Mixer masks in_proj's input, not its output, so a padded "
+                       "position's in_proj output is the bias and reaches the causal conv of the next "
+                       "k-1 real tokens: a left-padded row differs from the sequence alone "
+                       "(known-bugs.md row 6)")
+        return out
+
     def provenance(self) -> dict:
         """JSON-serialisable: versions, which code path ran, precision settings, derived taps."""
         paths = self.recorder.record()
@@ -228,6 +249,7 @@ class TransformersRunner:
             },
             "float64_lift": {"active": self.lift, "lifted_casts": dict(sorted(self.lifted_sites.items()))}
             if self.dtype == "float64" else None,
+            "known_reference_defects": self._known_defects(),
             "environment": prov.environment(self.device),
             "derived_taps": {k.replace("{i}", "*"): v for k, v in DERIVED.items()},
             "tap_map": {tap: f"{path} ({kind})" for tap, path, kind in TAP_MAP},
