@@ -1,0 +1,118 @@
+"""Shared machinery of the SSD property and reference tests: jitted forms, references, checks.
+
+Each form is jitted once here, with its configuration arguments static. jax.jit caches one
+executable per (shapes, dtypes, which optional arguments are None, static values), so an
+`equiv.strategies` bucket compiles each form once per process whatever the number of examples.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from equiv import ssd
+from equiv.compare import TapComparison, assert_within_budget, compare_tap, tolerance
+
+_STATIC = ("dt_softplus", "dt_limit", "return_final_states")
+_JITTED = {
+    "chunked": jax.jit(ssd.ssd_chunked, static_argnames=("chunk_size", *_STATIC)),
+    "scan": jax.jit(ssd.ssd_scan, static_argnames=_STATIC),
+    "quadratic": jax.jit(ssd.ssd_quadratic, static_argnames=_STATIC),
+}
+_STEP = jax.jit(ssd.ssd_step, static_argnames=("dt_softplus", "dt_limit"))
+FORMS = tuple(_JITTED)
+TIME_ARRAYS = ("x", "dt", "B", "C", "z")  # the arguments with an l axis (axis 1)
+
+
+def run_form(form: str, kw: dict, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(y, final_state) of one jitted equiv.ssd form, as numpy."""
+    extra = {"chunk_size": chunk_size} if form == "chunked" else {}
+    y, state = _JITTED[form](**kw, **extra, return_final_states=True)
+    return np.asarray(y), np.asarray(state)
+
+
+def run_steps(kw: dict) -> tuple[np.ndarray, np.ndarray]:
+    """ssd_step token by token from the host: the decode loop a user writes."""
+    b, l, h, p = kw["x"].shape
+    n = kw["B"].shape[-1]
+    state = kw["initial_states"]
+    state = np.zeros((b, h, p, n), np.float32) if state is None else state
+    at = lambda a, t: None if a is None else a[:, t]  # noqa: E731
+    ys = []
+    for t in range(l):
+        y, state = _STEP(state, kw["x"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t], kw["C"][:, t],
+                         D=kw["D"], z=at(kw["z"], t), dt_bias=kw["dt_bias"],
+                         dt_softplus=kw["dt_softplus"], dt_limit=kw["dt_limit"])
+        ys.append(np.asarray(y))
+    return np.stack(ys, axis=1), np.asarray(state)
+
+
+def time_slice(kw: dict, lo: int, hi: int | None = None, **replace) -> dict:
+    """kw restricted to tokens [lo, hi), other entries replaced by keyword."""
+    out = {k: (v[:, lo:hi] if k in TIME_ARRAYS and v is not None else v) for k, v in kw.items()}
+    out.update(replace)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch side (imported lazily: torch and transformers cost seconds to import)
+
+
+@functools.cache
+def oracles():
+    """reference.ssd_oracles, with torch on one thread (xdist runs one worker per core, and these
+    tensors are too small for intra-op threads to pay)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from reference import ssd_oracles
+
+    return ssd_oracles
+
+
+def oracle(kw: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The float64 sequential recurrence: the ground truth."""
+    return oracles().ssd_oracle_fp64(**kw)
+
+
+def torch_reference(form: str, kw: dict, chunk_size: int | None = None):
+    """The torch float32 counterpart of an equiv.ssd form, whose own error sets the budget:
+    chunked -> transformers' `mamba2_chunk_scan` at the same chunk size; quadratic -> the same at
+    one chunk of the whole length (its intra-chunk part is the quadratic form); scan and step ->
+    the sequential recurrence in float32 (what `selective_state_update` does token by token)."""
+    o = oracles()
+    if form == "chunked":
+        return o.transformers_chunk_scan(**kw, chunk_size=chunk_size)
+    if form == "quadratic":
+        return o.transformers_chunk_scan(**kw, chunk_size=kw["x"].shape[1])
+    import torch
+
+    return o.ssd_oracle_fp64(**kw, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def check_budget(name: str, port, reference, oracle_out) -> list[TapComparison]:
+    """The error budget on y and on the final state: port vs oracle within budget x the torch
+    reference's own error vs oracle (equiv.compare)."""
+    return [assert_within_budget(f"{name}.y", port[0], reference[0], oracle_out[0]),
+            assert_within_budget(f"{name}.state", port[1], reference[1], oracle_out[1])]
+
+
+def assert_close_by_budget(name: str, a: np.ndarray, b: np.ndarray, reference, oracle_arr) -> float:
+    """Two float32 results of the same mathematical quantity agree to within budget x the torch
+    reference's own error (floored at a few ULPs): a direct check, stricter than each side being
+    within budget of the oracle (which would allow twice that). Returns the tolerance used."""
+    ref_cmp = compare_tap(name, reference, reference, oracle_arr)
+    tol = tolerance("float32").budget * max(ref_cmp.err_ref, ref_cmp.floor)
+    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    if not diff.max() <= tol:
+        raise AssertionError(f"{name}: max |a - b| = {diff.max():.3g} at {list(map(int, worst))} exceeds "
+                             f"{tol:.3g} (budget x the reference's error {ref_cmp.err_ref:.3g}, "
+                             f"floor {ref_cmp.floor:.3g})")
+    return tol
