@@ -24,9 +24,10 @@ class ReferenceUnavailable(EquivError):
 
 
 def load_reference(name: str, checkpoint_dir: str | Path, dtype: str = "float32", *,
-                   threads: int | None = DEFAULT_THREADS):
+                   threads: int | None = DEFAULT_THREADS, device: str = "cpu"):
     """A runner with run / step_logits / generate / provenance (see transformers_runner.py).
-    `threads` sets torch's intra-op thread count (process-wide); None leaves it alone."""
+    `threads` sets torch's intra-op thread count (process-wide); None leaves it alone. `device` is
+    a torch device for the transformers runner (its torch fallback path runs on CUDA too)."""
     if name not in REFERENCES:
         raise ReferenceUnavailable(f"reference: expected one of {list(REFERENCES)}, got {name!r}")
     if dtype not in DTYPES:
@@ -46,4 +47,4 @@ def load_reference(name: str, checkpoint_dir: str | Path, dtype: str = "float32"
             "transformers (its kernels are exercised at the SSD level by reference/gpu_run.py)")
     from reference.transformers_runner import TransformersRunner
 
-    return TransformersRunner(checkpoint_dir, dtype)
+    return TransformersRunner(checkpoint_dir, dtype, device=device)

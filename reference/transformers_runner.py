@@ -234,7 +234,7 @@ class TransformersRunner:
         paths = self.recorder.record()
         return {
             "reference": "transformers Mamba2ForCausalLM",
-            "checkpoint": self.checkpoint,
+            "checkpoint": Path(self.checkpoint).name,  # the name only: recordings stay location-free
             "dtype": self.dtype,
             "versions": prov.versions(),
             "code_paths": paths,

@@ -215,6 +215,17 @@ def test_generate_stops_rows_at_eos(runners):
     np.testing.assert_array_equal(out.tokens[1], free.tokens[1])
 
 
+def test_generate_ignores_the_checkpoints_own_eos_unless_asked(runners):
+    """The fixtures' config says eos_token_id=2; only the eos_id a caller passes may stop a row."""
+    r = runners("tiny-untied", "float32")
+    out = r.generate(_ids(16, 8), None, 20)
+    rows = [i for i in range(16) if 2 in out.tokens[i, :-1].tolist()]
+    assert rows, "seed chosen so some row emits token 2"
+    for i in rows:
+        after = out.tokens[i, out.tokens[i].tolist().index(2) + 1:]
+        assert (after != r.pad_id).any() and not np.isnan(out.margins[i]).any()
+
+
 def test_bad_inputs_raise_equiv_errors(runners, tmp_path):
     from reference.registry import ReferenceUnavailable, load_reference
     from reference.transformers_runner import ReferenceError, TransformersRunner
