@@ -1,0 +1,157 @@
+"""The error budget must separate rounding from defects (design.md, known-bugs.md row 10).
+
+Must-show: on a long, strongly decaying sequence, `ssd_chunked`'s error against the float64 oracle
+is within 2x the error of transformers' float32 chunk scan, and the same code with mamba2-jax
+1.1.2's segment sum (a difference of cumulative sums) fails the same budget. Then unit tests of
+`compare_tap`'s edge cases.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from equiv import ssd
+from equiv.compare import BudgetExceeded, assert_within_budget, compare_tap, ulp_at
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
+
+# ---------------------------------------------------------------------------------------------
+# must-show: l = 1000, chunk 256, strong decay
+
+
+@functools.cache
+def long_strong_decay():
+    """b=1, l=1000, h=8, p=32, n=32, g=1; A in [-16, -1]; dt = softplus(N(-1, 1)), so A * dt
+    reaches -10 and beyond on many steps (the regime where cumsum differences cancel). Returns the
+    inputs, the float64 oracle and transformers' float32 chunk scan (the torch reference)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from reference import ssd_oracles
+
+    rng = np.random.default_rng(0)
+    b, l, h, p, n, g = 1, 1000, 8, 32, 32, 1
+    f32 = np.float32
+    kw = dict(
+        x=rng.standard_normal((b, l, h, p)).astype(f32),
+        dt=(rng.standard_normal((b, l, h)) - 1.0).astype(f32),
+        A=-rng.uniform(1.0, 16.0, size=h).astype(f32),
+        B=rng.standard_normal((b, l, g, n)).astype(f32),
+        C=rng.standard_normal((b, l, g, n)).astype(f32),
+        dt_softplus=True,
+    )
+    oracle = ssd_oracles.ssd_oracle_fp64(**kw)
+    reference = ssd_oracles.transformers_chunk_scan(**kw, chunk_size=256)
+    assert ssd_oracles.transformers_chunk_scan_provenance()["torch_fallback"]
+    return kw, oracle, reference
+
+
+def _chunked_fp32(kw):
+    # a fresh function object: jit must trace again (a monkeypatched segsum must be seen)
+    run = jax.jit(lambda **a: ssd.ssd_chunked(**a, chunk_size=256, return_final_states=True),
+                  static_argnames=("dt_softplus",))
+    y, state = run(**kw)
+    return np.asarray(y), np.asarray(state)
+
+
+def segsum_cumsum_difference(a, block=16):
+    """The planted defect: mamba2-jax 1.1.2's `segsum`, exp(cs[i] - cs[j]) via a difference of
+    cumulative sums. Mathematically equal; in float32 it cancels catastrophically once the
+    cumulative decay is large and the segment short."""
+    cs = jnp.cumsum(a, axis=-1)
+    q = a.shape[-1]
+    grid = (*a.shape, q)
+    diff = jnp.broadcast_to(cs[..., :, None], grid) - jnp.broadcast_to(cs[..., None, :], grid)
+    return jnp.where(jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool)), grid), diff, -jnp.inf)
+
+
+def test_chunked_within_2x_of_torch_fp32_on_long_strong_decay():
+    kw, oracle, reference = long_strong_decay()
+    dA = np.asarray(ssd.discretize_dt(kw["dt"], dt_softplus=True)) * kw["A"]
+    assert dA.min() < -10.0, "the inputs must reach A * dt <= -10 for this test to mean anything"
+    y, state = _chunked_fp32(kw)
+    res = assert_within_budget("ssd_chunked y (l=1000, chunk 256)", y, reference[0], oracle[0], budget=2.0)
+    res_state = assert_within_budget("ssd_chunked final state", state, reference[1], oracle[1], budget=2.0)
+    print(f"\nssd_chunked vs float64 oracle: err {res.err_port:.3g}, transformers fp32 err "
+          f"{res.err_ref:.3g}, ratio {res.ratio:.2f} (state ratio {res_state.ratio:.2f})")
+
+
+def test_cumsum_difference_segsum_fails_the_budget(monkeypatch):
+    kw, oracle, reference = long_strong_decay()
+    monkeypatch.setattr(ssd, "segsum", segsum_cumsum_difference)
+    y, _ = _chunked_fp32(kw)
+    res = compare_tap("planted cumsum-difference segsum", y, reference[0], oracle[0], budget=2.0)
+    print(f"\ncumsum-difference segsum: err {res.err_port:.3g} vs reference {res.err_ref:.3g}, "
+          f"ratio {res.ratio:.1f}: {res.verdict}")
+    assert res.verdict == "fail" and res.ratio > 2.0, res.reason
+    with pytest.raises(BudgetExceeded, match="reference's own float error"):
+        assert_within_budget("planted", y, reference[0], oracle[0], budget=2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare_tap edge cases
+
+
+def _triple(shape=(3, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    oracle = rng.standard_normal(shape)
+    reference = (oracle + 1e-6 * rng.standard_normal(shape)).astype(np.float32)
+    port = (oracle + 1e-6 * rng.standard_normal(shape)).astype(np.float32)
+    return port, reference, oracle
+
+
+def test_nan_at_the_same_positions_passes():
+    port, reference, oracle = _triple()
+    for a in (port, reference, oracle):
+        a[1, 2] = np.nan
+    res = compare_tap("t", port, reference, oracle)
+    assert res.verdict == "pass", res.reason
+    assert np.isfinite(res.err_port)
+
+
+def test_nan_at_different_positions_fails_naming_them():
+    port, reference, oracle = _triple()
+    port[2, 3] = np.nan
+    port[0, 1] = np.inf
+    res = compare_tap("t", port, reference, oracle)
+    assert res.verdict == "fail"
+    assert res.nonfinite["port_mismatch_count"] == 2
+    assert res.nonfinite["port_mismatch_first"] == [[0, 1], [2, 3]]
+    assert "[0, 1]" in res.reason and "2 position(s)" in res.reason
+
+
+def test_all_nan_port_fails():
+    port, reference, oracle = _triple()
+    port[:] = np.nan
+    res = compare_tap("t", port, reference, oracle)
+    assert res.verdict == "fail" and res.nonfinite["port_mismatch_count"] == port.size
+    # all-NaN everywhere: nothing finite to compare is not a pass either
+    nan = np.full((2, 2), np.nan)
+    res_all = compare_tap("t", nan, nan, nan)
+    assert res_all.verdict == "fail" and "no finite values" in res_all.reason
+
+
+def test_exact_reference_uses_the_floor():
+    oracle = np.array([1.0, -0.5, 0.25, 2.0])  # exactly representable: the reference is exact
+    reference = oracle.astype(np.float32)
+    ulp = ulp_at(2.0, "float32")
+    one_ulp_off = (oracle + np.array([0, 0, 0, ulp])).astype(np.float32)
+    res = compare_tap("t", one_ulp_off, reference, oracle)
+    assert res.err_ref == 0.0 and res.floor == 4 * ulp
+    assert res.verdict == "pass" and res.ratio == pytest.approx(0.25)
+    ten_ulps_off = (oracle + np.array([0, 0, 0, 10 * ulp])).astype(np.float32)
+    res_bad = compare_tap("t", ten_ulps_off, reference, oracle)
+    assert res_bad.verdict == "fail" and res_bad.ratio == pytest.approx(2.5)
+
+
+def test_shape_mismatch_fails():
+    port, reference, oracle = _triple()
+    res = compare_tap("t", port[:, :3], reference, oracle)
+    assert res.verdict == "fail" and "shape mismatch" in res.reason
+    with pytest.raises(BudgetExceeded, match="shape mismatch"):
+        assert_within_budget("t", port, reference[:2], oracle)
