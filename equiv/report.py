@@ -114,7 +114,7 @@ def terminal_table(result: LayerwiseResult, limit: int = 20) -> str:
                    f"inputs {shape} seed {inputs.get('seed')}")
     lines.append("")
     fmt = "{:2}{:<30} {:<6} {:>9} {:>9} {:>9} {:>9}"
-    lines.append(fmt.format("", "tap", "", "ratio", "|port-o|", "|ref-o|", "|port-r|"))
+    lines.append(fmt.format("", "tap", "", "ratio", "rms p-o", "rms r-o", "max p-r"))
     rows = by_severity(result)
     fd = result.first_divergence.tap if result.first_divergence else None
     shown = rows[:limit]
@@ -219,7 +219,7 @@ def to_markdown(result: LayerwiseResult, worst: int = 10, max_failing: int = 30)
             f"against the float64 oracle; inputs {inputs.get('shape')} seed {inputs.get('seed')}_", ""]
     failing = [t for t in result.taps if t.verdict == "fail"]
     passing = [t for t in by_severity(result) if t.verdict == "pass"][:worst]
-    header = ["|  | tap | verdict | ratio | \\|port-oracle\\| | \\|ref-oracle\\| | \\|port-ref\\| | note |",
+    header = ["|  | tap | verdict | ratio | RMS port-oracle | RMS ref-oracle | max \\|port-ref\\| | note |",
               "|---|---|---|---:|---:|---:|---:|---|"]
     if failing:
         out += [f"**Failing taps** ({len(failing)}, execution order)", ""] + header

@@ -36,7 +36,7 @@ def test_every_tap_within_budget(trio):
     port, ref, oracle = trio
     ids = _ids(port)
     p, r, o = port.forward(ids), ref.run(ids), oracle.run(ids)
-    assert list(p) == port.tap_names
+    assert sorted(p) == sorted(port.tap_names)  # jit returns dicts key-sorted; order is tap_names
     for name in port.tap_names:
         assert_within_budget(name, p[name], r[name], o[name])
 
