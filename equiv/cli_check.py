@@ -1,6 +1,6 @@
 """`equiv check`: the main job (see equiv/check.py), as run by `nox -s equivalence`.
 
-    equiv check [--fixture NAME ...] [--golden] [--port NAME|module:attr] [--no-ssd] [--out DIR]
+    equiv check [--fixture NAME ...] [--golden] [--port NAME|module:attr] [--no-ssd] [-n N] [--out DIR]
 
 Exit codes: 0 everything equivalent, 1 any divergence, 2 usage or input error.
 """
@@ -19,6 +19,8 @@ def register(subparsers) -> None:
                    help="replay recorded reference outputs (fixtures/golden/) instead of running torch")
     p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
     p.add_argument("--no-ssd", action="store_true", help="skip the SSD duality property suite")
+    p.add_argument("-n", "--workers", type=int, default=1, metavar="N",
+                   help="check fixtures in N processes (same results, same report, any N)")
     p.add_argument("--out", default="equivalence-report", help="report directory (default: equivalence-report)")
     p.set_defaults(func=run_check)
 
@@ -27,4 +29,4 @@ def run_check(args, progress) -> int:
     from equiv.check import run_main_job
 
     return run_main_job(args.fixtures, Path(args.out), golden=args.golden, port_spec=args.port,
-                        ssd=not args.no_ssd, progress=progress.stage)
+                        ssd=not args.no_ssd, progress=progress.stage, workers=max(1, args.workers))
