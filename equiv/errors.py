@@ -15,8 +15,22 @@ class ConfigError(EquivError):
     """A model config contradicts itself or asks for a feature the port does not implement."""
 
 
+class UnsupportedFeatureError(ConfigError):
+    """A valid config asks for a feature the port does not implement; the message lists each by name."""
+
+
 class CheckpointError(EquivError):
     """A checkpoint is missing, corrupt, unsafe, or does not match its config."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint that `torch.load(weights_only=True)` refused: loading it would have
+    constructed arbitrary objects (run code). Nothing from it was executed."""
+
+
+class DtypeError(EquivError):
+    """A dtype argument the loader does not support (the checkpoint's own tensor dtypes are
+    CheckpointError)."""
 
 
 class TokenRangeError(EquivError):

@@ -8,24 +8,37 @@ import numpy as np
 from equiv.errors import ShapeError, TokenRangeError
 
 
+def _as_array(x, name: str) -> np.ndarray:
+    """np.asarray, with numpy's own failures (ragged nesting, unconvertible objects) as ShapeError."""
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError, OverflowError) as e:
+        first = str(e).split(".")[0][:100] if str(e) else type(e).__name__
+        raise ShapeError(f"{name}: expected a rectangular (b, l) array, got {type(x).__name__} "
+                         f"({first})") from None
+
+
 def check_tokens(ids, vocab_size: int, mask=None, name: str = "ids") -> tuple[np.ndarray, np.ndarray | None]:
     """ids (b, l) integers in [0, vocab_size); mask None or (b, l) of 0/1. Returns int32 / int32."""
-    ids = np.asarray(ids)
-    if ids.ndim != 2:
-        raise ShapeError(f"{name}: expected shape (b, l), got {ids.shape}")
+    ids = _as_array(ids, name)
     if ids.size == 0:
         raise TokenRangeError(f"{name}: expected at least one token per sequence, got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
+    if ids.ndim != 2:
+        raise ShapeError(f"{name}: expected shape (b, l), got {ids.shape}")
+    if ids.dtype == bool or not np.issubdtype(ids.dtype, np.integer):
         raise TokenRangeError(f"{name}: expected integer token ids, got dtype {ids.dtype}")
+    # numpy >= 2 compares with out-of-range Python ints by value (no wrap for int8 or uint64 ids)
     bad = (ids < 0) | (ids >= vocab_size)
     if bad.any():
         pos = tuple(int(i) for i in np.argwhere(bad)[0])
         raise TokenRangeError(f"{name}: expected token ids in [0, {vocab_size}) (vocab_size), got "
                               f"{int(ids[pos])} at position {list(pos)} ({int(bad.sum())} out of range)")
     if mask is not None:
-        mask = np.asarray(mask)
+        mask = _as_array(mask, "mask")
         if mask.shape != ids.shape:
             raise ShapeError(f"mask: expected shape (b, l) = {ids.shape} like {name}, got {mask.shape}")
+        if mask.dtype.kind not in "biuf":
+            raise ShapeError(f"mask: expected 0/1 numbers or booleans, got dtype {mask.dtype}")
         if not np.isin(mask, (0, 1)).all():
             raise ShapeError("mask: expected only 0 (padding) and 1 (token) values")
         if (mask.sum(axis=1) == 0).any():

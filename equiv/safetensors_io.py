@@ -4,87 +4,147 @@ Why our own: numpy has no bfloat16 (ml_dtypes does), and a verification tool mus
 truncated or edited file with a message that names the file and the problem, never crash deep
 inside a parser or read garbage. Format: 8-byte little-endian header length, a JSON header
 {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the raw bytes.
+
+Validation mirrors the reference implementation (safetensors `Metadata::validate`, Rust): every
+byte range matches its shape x dtype, the ranges tile the data section exactly (start at 0, no gap,
+no overlap, end at the end of the file). It all happens on the header alone, before any tensor
+memory is allocated, so a header claiming a gigantic shape costs nothing; the tensors are then read
+straight into their arrays (no second copy of the file, no mmap that a concurrent truncation could
+turn into SIGBUS).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from equiv.errors import CheckpointError
+from equiv.errors import CheckpointError, DtypeError
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(bool),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32), "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(bool),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
 
 
+class _Corrupt(Exception):
+    """Internal: a header problem, turned into a CheckpointError naming the file."""
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Corrupt(f"expected each tensor name once in the header, got {k!r} twice")
+        out[k] = v
+    return out
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # JSON true/false are bools, and 3.0 is not an offset
+
+
+def _tensor_specs(header, data_len: int) -> list[tuple[str, np.dtype, tuple, int, int]]:
+    """(name, dtype, shape, begin, end) per tensor in file order, or _Corrupt."""
+    if not isinstance(header, dict):
+        raise _Corrupt(f"header: expected a JSON object, got {type(header).__name__}")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not isinstance(meta, dict):
+        raise _Corrupt(f"__metadata__: expected an object, got {type(meta).__name__}")
+    specs = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - set(info):
+            raise _Corrupt(f"tensor {name!r}: expected keys dtype, shape, data_offsets, got {info!r}"[:300])
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _Corrupt(f"tensor {name!r}: expected a dtype in {sorted(DTYPES)}, got {dtype!r}"[:300])
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise _Corrupt(f"tensor {name!r}: expected a shape of non-negative ints, got {shape!r}"[:300])
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise _Corrupt(f"tensor {name!r}: expected data_offsets [begin, end], got {offsets!r}"[:300])
+        begin, end = offsets
+        want = math.prod(shape) * DTYPES[dtype].itemsize
+        if not 0 <= begin <= end <= data_len:
+            raise _Corrupt(f"tensor {name!r}: expected a byte range inside the {data_len}-byte data section, "
+                           f"got [{begin}, {end}) (truncated file?)")
+        if end - begin != want:
+            raise _Corrupt(f"tensor {name!r}: expected {want} bytes for shape {shape} x {dtype}, the header "
+                           f"gives {end - begin}")
+        specs.append((name, DTYPES[dtype], tuple(shape), begin, end))
+    specs.sort(key=lambda s: (s[3], s[4]))
+    at = 0
+    for name, _, _, begin, end in specs:
+        if begin != at:
+            what = "overlaps the previous tensor" if begin < at else "leaves a gap"
+            raise _Corrupt(f"tensor {name!r}: expected its bytes to start at {at}, got [{begin}, {end}), "
+                           f"which {what}")
+        at = end
+    if at != data_len:
+        raise _Corrupt(f"expected the tensors to fill the {data_len}-byte data section, they end at "
+                       f"byte {at}")
+    return specs
+
+
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of one file, validated: header bounds, dtypes, shapes x itemsize == byte ranges,
-    ranges inside the file, contiguous and non-overlapping."""
+    """All tensors of one file, validated first (see the module docstring); CheckpointError names the
+    file and the problem."""
     path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
 
     def bad(msg):
         return CheckpointError(f"{path}: corrupt safetensors file: {msg}")
 
-    if len(blob) < 8:
-        raise bad(f"expected at least 8 bytes for the header length, got {len(blob)}")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > MAX_HEADER or 8 + n > len(blob):
-        raise bad(f"header length {n} exceeds the file ({len(blob)} bytes): truncated or not safetensors")
     try:
-        header = json.loads(blob[8:8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise bad(f"header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise bad(f"header: expected a JSON object, got {type(header).__name__}")
-    data = memoryview(blob)[8 + n:]
-    header.pop("__metadata__", None)
-    out, spans = {}, []
-    for name, info in header.items():
-        if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - set(info):
-            raise bad(f"tensor {name!r}: expected keys dtype, shape, data_offsets, got {info!r}"[:300])
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise bad(f"tensor {name!r}: unsupported dtype {dtype!r} (expected one of {sorted(DTYPES)})")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                                   for s in shape)):
-            raise bad(f"tensor {name!r}: expected a list of non-negative ints as shape, got {shape!r}")
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise bad(f"tensor {name!r}: expected data_offsets [begin, end], got {offsets!r}")
-        begin, end = offsets
-        want = math.prod(shape) * DTYPES[dtype].itemsize
-        if not (0 <= begin <= end <= len(data)):
-            raise bad(f"tensor {name!r}: byte range [{begin}, {end}) outside the {len(data)}-byte data "
-                      "section (truncated file?)")
-        if end - begin != want:
-            raise bad(f"tensor {name!r}: shape {shape} x {dtype} needs {want} bytes, the header gives {end - begin}")
-        spans.append((begin, end, name))
-        out[name] = np.frombuffer(data[begin:end], dtype=DTYPES[dtype]).reshape(shape).copy()
-    spans.sort()
-    for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise bad(f"tensors {n0!r} and {n1!r} overlap")
-    return out
+        mode = path.stat().st_mode
+        if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
+            raise CheckpointError(f"{path}: expected a regular file, got "
+                                  f"{'a directory' if stat.S_ISDIR(mode) else 'a special file'}")
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise bad(f"expected at least 8 bytes for the header length, got {size}")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER or 8 + n > size:
+                raise bad(f"expected a header length within the file ({size} bytes) and the "
+                          f"{MAX_HEADER}-byte limit, got {n}: truncated or not safetensors")
+            try:
+                header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+                specs = _tensor_specs(header, size - 8 - n)
+            except _Corrupt as e:
+                raise bad(str(e)) from None
+            except (ValueError, RecursionError) as e:  # JSON, UTF-8, int digit limit, nesting depth
+                raise bad(f"expected a JSON header, got {type(e).__name__}: {str(e)[:200]}") from None
+            out = {}
+            for name, dtype, shape, begin, _ in specs:
+                arr = np.empty(shape, dtype)
+                f.seek(8 + n + begin)
+                got = f.readinto(arr.reshape(-1).view(np.uint8))
+                if got != arr.nbytes:  # the file shrank under us
+                    raise bad(f"tensor {name!r}: expected {arr.nbytes} bytes, read {got}")
+                out[name] = arr
+            return out
+    except OSError as e:
+        raise CheckpointError(f"{path}: expected a readable file, got "
+                              f"{e.strerror or type(e).__name__}") from None
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
     header, chunks, offset = {}, [], 0
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
+        if not isinstance(name, str) or arr.dtype not in _NAMES:
+            raise DtypeError(f"write_safetensors: expected str names and dtypes in {sorted(_NAMES)}, "
+                             f"got {name!r}: {arr.dtype}")
         raw = arr.tobytes()
         header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
                         "data_offsets": [offset, offset + len(raw)]}

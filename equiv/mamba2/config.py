@@ -3,6 +3,10 @@
 Strictness (penzai's allow-list): every attribute is either mapped, known not to affect inference
 numerics (initialisation, bookkeeping), or required to have the one value the port implements.
 Anything else is rejected by name: a silently ignored attribute is a silently wrong answer.
+
+Every JSON value is type-checked before use (a string, bool, float, null or NaN where an integer
+belongs is named with its key, never passed on to fail deep inside numpy or XLA), and all problems
+of one config are reported in one `ConfigError`.
 """
 
 from __future__ import annotations
@@ -10,10 +14,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
-from equiv.errors import ConfigError
+from equiv.errors import ConfigError, UnsupportedFeatureError
+
+MAX_SIZE = 2**31 - 1
+"""Largest accepted size or id: XLA indexes with int32, and token ids are cast to int32."""
+MAX_CONFIG_BYTES = 16 * 2**20
+"""A config.json larger than this is not a config (and is not read into memory)."""
+
+_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "d_state", "head_dim", "n_heads", "n_groups",
+               "expand", "conv_kernel", "chunk_size")
+_BOOL_FIELDS = ("use_bias", "use_conv_bias", "residual_in_fp32", "tie_embeddings", "d_has_hdim")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,23 +64,42 @@ class Mamba2Config:
     pad_token_id: int | None = None
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "d_model", "n_layers", "d_state", "head_dim", "n_heads", "n_groups",
-                     "expand", "conv_kernel", "chunk_size"):
+        for name in (*_INT_FIELDS, "eos_token_id", "pad_token_id"):  # numpy ints from Python callers
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{name}: expected an integer >= 1, got {v!r}")
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v) is not int:
+                object.__setattr__(self, name, int(v))
+        problems = [p for name in _INT_FIELDS if (p := _int_problem(name, getattr(self, name)))]
+        problems += [f"{name}: expected true or false, got {_show(getattr(self, name))}"
+                     for name in _BOOL_FIELDS if not isinstance(getattr(self, name), bool)]
+        for name in ("eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and (p := _int_problem(name, v, lo=0)):
+                problems.append(p + " or null")
+        if not _is_real(self.norm_eps):
+            problems.append(f"norm_eps: expected a number, got {_show(self.norm_eps)}")
+        tsl = self.time_step_limit
+        if not (isinstance(tsl, (tuple, list)) and len(tsl) == 2 and all(_is_real(x) for x in tsl)):
+            problems.append(f"time_step_limit: expected a pair (lo, hi) of numbers, got {_show(tsl)}")
         if problems:
             raise ConfigError("config: " + "; ".join(problems))
+        # Normalise (still inside construction): the config is a static jit argument, so it must
+        # hash, and 1 vs 1.0 must not make two configs (and two compilations).
+        object.__setattr__(self, "time_step_limit", (float(tsl[0]), float(tsl[1])))
+        object.__setattr__(self, "norm_eps", float(self.norm_eps))
+        self._check_consistent()
+
+    def _check_consistent(self) -> None:
+        problems = []
         if self.n_heads % self.n_groups:
-            problems.append(f"n_groups (g) must divide num_heads (h): got g={self.n_groups}, h={self.n_heads}")
+            problems.append(f"n_groups (g): expected a divisor of num_heads (h) = {self.n_heads}, "
+                            f"got {self.n_groups}")
         if self.n_heads * self.head_dim != self.d_inner:
-            problems.append(f"num_heads x head_dim must equal expand x hidden_size (d_inner): got "
-                            f"{self.n_heads} x {self.head_dim} = {self.n_heads * self.head_dim}, "
-                            f"d_inner = {self.expand} x {self.d_model} = {self.d_inner}")
+            problems.append(f"num_heads x head_dim (h x p): expected expand x hidden_size = d_inner = "
+                            f"{self.expand} x {self.d_model} = {self.d_inner}, got {self.n_heads} x "
+                            f"{self.head_dim} = {self.n_heads * self.head_dim}")
         lo, hi = self.time_step_limit
-        if not (0.0 <= lo < hi):
-            problems.append(f"time_step_limit: expected 0 <= lo < hi, got {self.time_step_limit}")
+        if not (0.0 <= lo < hi and math.isfinite(lo)):  # NaN fails every comparison
+            problems.append(f"time_step_limit: expected 0 <= lo < hi, lo finite, got {self.time_step_limit}")
         if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
             problems.append(f"layer_norm_epsilon: expected a finite value > 0, got {self.norm_eps}")
         for name in ("eos_token_id", "pad_token_id"):
@@ -99,6 +132,102 @@ class Mamba2Config:
         return dataclasses.replace(self, **changes)
 
 
+# ---------------------------------------------------------------------------------------------
+# JSON value checks: each returns a problem string (naming the key, what was expected, what came)
+# or None.
+
+
+def _show(v) -> str:
+    text = repr(v)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(v).__name__})"
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_problem(name: str, v, lo: int = 1, hi: int = MAX_SIZE) -> str | None:
+    # bool is an int subclass and 64.0 == 64: both are refused, a config must say what it means
+    if type(v) is not int or not lo <= v <= hi:
+        return f"{name}: expected an integer in [{lo}, {hi}], got {_show(v)}"
+    return None
+
+
+def _json_float(v) -> float:
+    """A JSON number, or transformers' (>= 5) encoding of a non-finite one: {"__float__": "Infinity"}."""
+    if isinstance(v, dict) and set(v) == {"__float__"} and v["__float__"] in ("Infinity", "-Infinity", "NaN"):
+        return float(v["__float__"].replace("Infinity", "inf"))
+    if not _is_real(v):
+        raise TypeError(v)
+    return float(v)
+
+
+class _Reader:
+    """Reads typed values from one JSON object, collecting every problem (named `prefix + key`)."""
+
+    def __init__(self, raw: dict, prefix: str = ""):
+        self.raw, self.prefix, self.problems = raw, prefix, []
+
+    def _bad(self, key, what, v):
+        self.problems.append(f"{self.prefix}{key}: expected {what}, got {_show(v)}")
+
+    def int(self, key, default, lo=1):
+        v = self.raw.get(key, default)
+        if p := _int_problem(self.prefix + key, v, lo=lo):
+            self.problems.append(p)
+            return default
+        return v
+
+    def bool(self, key, default):
+        v = self.raw.get(key, default)
+        if not isinstance(v, bool):
+            self._bad(key, "true or false", v)
+            return default
+        return v
+
+    def float(self, key, default):
+        v = self.raw.get(key, default)
+        try:
+            return _json_float(v)
+        except TypeError:
+            self._bad(key, "a number", v)
+            return default
+
+    def pair(self, key, default):
+        v = self.raw.get(key, default)
+        try:
+            if not isinstance(v, (list, tuple)) or len(v) != 2:
+                raise TypeError(v)
+            return tuple(_json_float(x) for x in v)
+        except TypeError:
+            self._bad(key, "a pair [lo, hi] of numbers", v)
+            return default
+
+    def token(self, key, default, vocab):
+        """An id, a list of ids (the first is used), or null. Ids outside the vocabulary never come
+        out of the model, so they are dropped (None) rather than refused: they change no numerics."""
+        v = self.raw.get(key, default)
+        ids = v if isinstance(v, list) else [v]
+        if v is None or ids == []:
+            return None
+        if any(type(i) is not int for i in ids):
+            self._bad(key, "a token id, a list of token ids, or null", v)
+            return None
+        return ids[0] if type(vocab) is int and 0 <= ids[0] < vocab else None
+
+    def choice(self, key, default, allowed):
+        v = self.raw.get(key, default)
+        if not any(type(v) is type(a) and v == a for a in allowed):
+            want = " or ".join(map(repr, allowed))
+            return f"{self.prefix}{key}: expected {want} (all the port implements), got {_show(v)}"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+
+
 # transformers Mamba2Config: attribute -> (our field, class default). Defaults matter: a key missing
 # from config.json takes transformers' default (n_groups defaults to 8 there, not 1).
 _HF_MAPPED = {
@@ -111,7 +240,8 @@ _HF_MAPPED = {
     "residual_in_fp32": ("residual_in_fp32", True), "tie_word_embeddings": ("tie_embeddings", False),
     "eos_token_id": ("eos_token_id", 2), "pad_token_id": ("pad_token_id", 1),
 }
-# Attributes that must have exactly this value: the port implements nothing else.
+# Attributes that must have exactly this value: the port implements nothing else. (transformers'
+# Mamba2 hard-codes rms_norm and norm_before_gate=False; Codestral's config.json still carries them.)
 _HF_REQUIRED = {"hidden_act": "silu", "model_type": "mamba2", "rms_norm": True, "norm_before_gate": False}
 # Attributes that do not change inference numerics (initialisation, bookkeeping, outputs).
 _HF_HARMLESS = {
@@ -121,100 +251,159 @@ _HF_HARMLESS = {
     "time_step_max", "time_step_floor", "rescale_prenorm_residual", "use_cache", "_name_or_path",
     "output_attentions", "layer_types", "tokenizer_class", "emb_layer_norm_before", "use_return_dict",
 }
+_HF_LAYER_TYPES = ("mamba", "linear_attention")  # transformers 5 reports Mamba-2 blocks as linear_attention
 
 
-def _json_float(v):
-    # transformers >= 5 writes non-finite floats as {"__float__": "Infinity"}
-    if isinstance(v, dict) and set(v) == {"__float__"}:
-        return float(v["__float__"])
-    if isinstance(v, bool):
-        raise TypeError("a bool is not a number")
-    return float(v)
+_UNKNOWN = ("expected only attributes the port maps or knows to be harmless, got unrecognised ones that "
+            "may change the numerics: ")
 
 
-def _finite_pair(value, name):
-    try:
-        lo, hi = (_json_float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected a pair [lo, hi], got {value!r}") from None
-    return lo, hi
-
-
-def _check_keys(raw: dict, mapped, required: dict, harmless: set, source: str) -> None:
-    problems = [f"{k}={raw[k]!r} (the port implements only {v!r})"
-                for k, v in required.items() if k in raw and raw[k] != v]
-    unknown = sorted(set(raw) - set(mapped) - set(required) - harmless)
-    if unknown:
-        problems.append("unrecognised attributes that may change the numerics: " + ", ".join(unknown))
-    if problems:
-        raise ConfigError(f"{source}: not supported by this port: " + "; ".join(problems))
+def _unknown(raw: dict, known: set, prefix: str = "") -> list[str]:
+    return [prefix + k for k in sorted(str(k) for k in set(raw) - known)]
 
 
 def config_from_transformers(raw: dict) -> Mamba2Config:
     """transformers `Mamba2Config` dict -> Mamba2Config (strict)."""
-    _check_keys(raw, _HF_MAPPED, _HF_REQUIRED, _HF_HARMLESS, "transformers config.json")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"transformers config: expected a JSON object, got {_show(raw)}")
+    unsupported = [c for k, v in _HF_REQUIRED.items() if (c := _Reader(raw).choice(k, v, (v,)))]
+    unknown = _unknown(raw, set(_HF_MAPPED) | set(_HF_REQUIRED) | _HF_HARMLESS)
+    if unknown:
+        unsupported.append(_UNKNOWN + ", ".join(unknown))
     layer_types = raw.get("layer_types")
-    if layer_types is not None and any(t != "mamba" for t in layer_types):
-        raise ConfigError(f"transformers config.json: layer_types must all be 'mamba', got {sorted(set(layer_types))}")
-    kw = {ours: raw.get(theirs, default) for theirs, (ours, default) in _HF_MAPPED.items()}
-    kw["time_step_limit"] = _finite_pair(kw["time_step_limit"], "time_step_limit")
-    if isinstance(kw["eos_token_id"], list):
-        kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
-    for tok in ("eos_token_id", "pad_token_id"):  # specials outside the vocab don't affect numerics
-        if kw[tok] is not None and not (0 <= kw[tok] < kw["vocab_size"]):
-            kw[tok] = None
+    if layer_types is not None and not (isinstance(layer_types, list)
+                                        and all(t in _HF_LAYER_TYPES for t in layer_types)):
+        unsupported.append(f"layer_types: expected only Mamba-2 blocks ({' or '.join(_HF_LAYER_TYPES)}), "
+                           f"got {_show(layer_types)}")
+    if unsupported:
+        raise UnsupportedFeatureError("transformers config.json: not supported by this port: "
+                                      + "; ".join(unsupported))
+    r = _Reader(raw)
+    kw = {ours: r.int(theirs, default) for theirs, (ours, default) in _HF_MAPPED.items()
+          if ours in _INT_FIELDS}
+    kw |= {ours: r.bool(theirs, default) for theirs, (ours, default) in _HF_MAPPED.items()
+           if ours in _BOOL_FIELDS}
+    kw["norm_eps"] = r.float("layer_norm_epsilon", 1e-5)
+    kw["time_step_limit"] = r.pair("time_step_limit", (0.0, float("inf")))
+    kw["eos_token_id"] = r.token("eos_token_id", 2, kw["vocab_size"])
+    kw["pad_token_id"] = r.token("pad_token_id", 1, kw["vocab_size"])
+    if isinstance(layer_types, list) and len(layer_types) != kw["n_layers"]:
+        r.problems.append(f"layer_types: expected num_hidden_layers={kw['n_layers']} entries, "
+                          f"got {len(layer_types)}")
+    if r.problems:
+        raise ConfigError("transformers config.json: " + "; ".join(r.problems))
     return Mamba2Config(**kw)
 
 
-_MS_TOP = {"d_model", "n_layer", "vocab_size", "ssm_cfg", "rms_norm", "residual_in_fp32",
-           "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings", "d_intermediate",
-           "attn_layer_idx", "attn_cfg"}
-_MS_SSM = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "dt_limit",
-           "bias", "conv_bias", "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max",
-           "dt_init_floor", "A_init_range", "d_ssm", "activation"}
+# ---------------------------------------------------------------------------------------------
+# mamba_ssm
+
+# mamba_ssm `MambaConfig` (models/config_mamba.py) and `Mamba2.__init__` (modules/mamba2.py)
+# defaults, 2.3.2: a key missing from config.json takes these.
+_MS_TOP_DEFAULTS = {"d_model": 2560, "n_layer": 64, "vocab_size": 50277, "pad_vocab_size_multiple": 8,
+                    "residual_in_fp32": True, "tie_embeddings": True}
+_MS_SSM_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1,
+                    "chunk_size": 256, "dt_limit": (0.0, float("inf")), "bias": False,
+                    "conv_bias": True, "D_has_hdim": False}
+_MS_TOP = set(_MS_TOP_DEFAULTS) | {"ssm_cfg", "rms_norm", "fused_add_norm", "d_intermediate",
+                                   "attn_layer_idx", "attn_cfg"}
+# d_ssm and activation are checked below; the rest are initialisation or kernel-path choices.
+_MS_SSM = set(_MS_SSM_DEFAULTS) | {"layer", "rmsnorm", "norm_before_gate", "dt_min", "dt_max",
+                                   "dt_init_floor", "A_init_range", "d_ssm", "activation", "conv_init",
+                                   "use_mem_eff_path", "sequence_parallel", "process_group"}
 
 
 def config_from_mamba_ssm(raw: dict) -> Mamba2Config:
-    """mamba_ssm `MambaConfig` dict (config.json with ssm_cfg) -> Mamba2Config (strict)."""
-    problems = []
-    unknown = sorted(set(raw) - _MS_TOP)
-    ssm = raw.get("ssm_cfg") or {}
-    unknown += [f"ssm_cfg.{k}" for k in sorted(set(ssm) - _MS_SSM)]
-    if unknown:
-        problems.append("unrecognised attributes that may change the numerics: " + ", ".join(unknown))
-    checks = {"ssm_cfg.layer": (ssm.get("layer"), "Mamba2"), "rms_norm": (raw.get("rms_norm", True), True),
-              "d_intermediate": (raw.get("d_intermediate", 0), 0), "attn_layer_idx": (raw.get("attn_layer_idx") or [], []),
-              "ssm_cfg.rmsnorm": (ssm.get("rmsnorm", True), True),
-              "ssm_cfg.norm_before_gate": (ssm.get("norm_before_gate", False), False),
-              "ssm_cfg.activation": (ssm.get("activation", "silu"), "silu")}
-    problems += [f"{k}={got!r} (the port implements only {want!r})" for k, (got, want) in checks.items() if got != want]
-    if ssm.get("d_ssm") not in (None, ssm.get("expand", 2) * raw.get("d_model", 0)):
-        problems.append(f"ssm_cfg.d_ssm={ssm['d_ssm']!r} (partial SSM width is not implemented)")
+    """mamba_ssm `MambaConfig` dict (config.json with ssm_cfg) -> Mamba2Config (strict).
+    `MambaLMHeadModel` pads the vocabulary to a multiple of pad_vocab_size_multiple; so do we."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"mamba_ssm config: expected a JSON object, got {_show(raw)}")
+    ssm = raw.get("ssm_cfg", {})
+    if not isinstance(ssm, dict):
+        raise ConfigError(f"mamba_ssm config.json: ssm_cfg: expected an object, got {_show(ssm)}")
+    top, s = _Reader(raw), _Reader(ssm, "ssm_cfg.")
+    unknown = _unknown(raw, _MS_TOP) + _unknown(ssm, _MS_SSM, "ssm_cfg.")
+    unsupported = [_UNKNOWN + ", ".join(unknown)] if unknown else []
+    # create_block builds Mamba1 unless ssm_cfg.layer says Mamba2
+    checks = (s.choice("layer", "Mamba1", ("Mamba2",)), top.choice("rms_norm", True, (True,)),
+              top.choice("d_intermediate", 0, (0,)), top.choice("attn_layer_idx", [], ([],)),
+              s.choice("rmsnorm", True, (True,)), s.choice("norm_before_gate", False, (False,)),
+              s.choice("activation", "silu", ("silu",)), s.choice("process_group", None, (None,)))
+    unsupported += [c for c in checks if c]
+    d_model, expand = top.int("d_model", 2560), s.int("expand", 2)
+    d_ssm = ssm.get("d_ssm")
+    if d_ssm is not None and d_ssm != expand * d_model:
+        unsupported.append(f"ssm_cfg.d_ssm: expected null or expand x d_model = {expand * d_model} (a "
+                           f"partial SSM width is not implemented), got {_show(d_ssm)}")
+    if unsupported:
+        raise UnsupportedFeatureError("mamba_ssm config.json: not supported by this port: "
+                                      + "; ".join(unsupported))
+    kw = dict(d_model=d_model, expand=expand, n_layers=top.int("n_layer", 64),
+              d_state=s.int("d_state", 128), head_dim=s.int("headdim", 64), n_groups=s.int("ngroups", 1),
+              conv_kernel=s.int("d_conv", 4), chunk_size=s.int("chunk_size", 256),
+              time_step_limit=s.pair("dt_limit", (0.0, float("inf"))), use_bias=s.bool("bias", False),
+              use_conv_bias=s.bool("conv_bias", True), norm_eps=1e-5,
+              residual_in_fp32=top.bool("residual_in_fp32", True),
+              tie_embeddings=top.bool("tie_embeddings", True),
+              d_has_hdim=s.bool("D_has_hdim", False))
+    vocab, mult = top.int("vocab_size", 50277), top.int("pad_vocab_size_multiple", 8)
+    problems = top.problems + s.problems
+    if not problems and (expand * d_model) % kw["head_dim"]:
+        problems.append(f"ssm_cfg.headdim (p): expected a divisor of expand x d_model = {expand * d_model}, "
+                        f"got {kw['head_dim']}")
     if problems:
-        raise ConfigError("mamba_ssm config.json: not supported by this port: " + "; ".join(problems))
-    d_model = raw["d_model"]
-    expand = ssm.get("expand", 2)
-    head_dim = ssm.get("headdim", 64)
-    vocab, mult = raw["vocab_size"], raw.get("pad_vocab_size_multiple", 8)
-    if vocab % mult:  # MambaLMHeadModel pads the vocabulary
+        raise ConfigError("mamba_ssm config.json: " + "; ".join(problems))
+    if vocab % mult:  # MambaLMHeadModel.__init__
         vocab += mult - vocab % mult
-    return Mamba2Config(
-        vocab_size=vocab, d_model=d_model, n_layers=raw["n_layer"], d_state=ssm.get("d_state", 128),
-        head_dim=head_dim, n_heads=(expand * d_model) // head_dim, n_groups=ssm.get("ngroups", 1),
-        expand=expand, conv_kernel=ssm.get("d_conv", 4), chunk_size=ssm.get("chunk_size", 256),
-        time_step_limit=_finite_pair(ssm.get("dt_limit", (0.0, float("inf"))), "ssm_cfg.dt_limit"),
-        use_bias=ssm.get("bias", False), use_conv_bias=ssm.get("conv_bias", True), norm_eps=1e-5,
-        residual_in_fp32=raw.get("residual_in_fp32", True), tie_embeddings=raw.get("tie_embeddings", True),
-        d_has_hdim=ssm.get("D_has_hdim", False))
+    return Mamba2Config(vocab_size=vocab, n_heads=(expand * d_model) // kw["head_dim"], **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json
 
 
 def detect_format(raw: dict) -> str:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.json: expected a JSON object, got {_show(raw)}")
     if "ssm_cfg" in raw or "n_layer" in raw:
         return "mamba_ssm"
     if raw.get("model_type") == "mamba2" or "num_hidden_layers" in raw:
         return "transformers"
     raise ConfigError("config.json: expected a transformers Mamba2 config (model_type 'mamba2') or a "
-                      f"mamba_ssm config (with ssm_cfg); got keys {sorted(raw)[:12]}")
+                      f"mamba_ssm config (with ssm_cfg); got keys {sorted(map(str, raw))[:12]}")
+
+
+def _no_duplicate_keys(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ConfigError(f"expected each key once, got {k!r} twice")
+        seen[k] = v
+    return seen
+
+
+def read_json_object(path: Path, what: str, error=ConfigError, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """A small JSON file holding one object, with every failure as `error` naming the file: missing,
+    unreadable, too large, not UTF-8, not JSON, duplicate keys, nesting too deep, an integer too
+    long to convert, not an object."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: expected a {what} under {max_bytes} bytes, got {size} bytes")
+        text = path.read_bytes().decode("utf-8")
+        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except FileNotFoundError:
+        raise error(f"{path}: expected a {what}, the file does not exist") from None
+    except OSError as e:
+        raise error(f"{path}: expected a readable {what}, got {e.strerror or type(e).__name__}") from None
+    except ConfigError as e:
+        raise error(f"{path}: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise error(f"{path}: expected a valid JSON {what}, got {type(e).__name__}: {first}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def load_config(checkpoint_dir: str | Path) -> tuple[Mamba2Config, str]:
@@ -222,15 +411,10 @@ def load_config(checkpoint_dir: str | Path) -> tuple[Mamba2Config, str]:
     path = Path(checkpoint_dir) / "config.json"
     if not path.is_file():
         raise ConfigError(f"checkpoint: expected {path} to exist, it does not")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: expected valid JSON, got {type(e).__name__}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, "config.json")
     fmt = detect_format(raw)
     try:
         cfg = config_from_transformers(raw) if fmt == "transformers" else config_from_mamba_ssm(raw)
-    except (KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: malformed {fmt} config ({type(e).__name__}: {e})") from None
+    except ConfigError as e:
+        raise type(e)(f"{path}: {e}") from None
     return cfg, fmt

@@ -1,10 +1,12 @@
 """Checkpoint directory -> (Mamba2Config, params pytree). Strict: every key mapped, every shape
-checked, missing and unexpected keys listed together in one error.
+checked, every weight finite, missing, unexpected and misshapen keys listed together in one error.
 
 Formats: transformers (`config.json` + `model.safetensors` or a sharded
 `model.safetensors.index.json`) and mamba_ssm (`config.json` with `ssm_cfg` + safetensors or
-`pytorch_model.bin`). safetensors is preferred: a `.bin` is a pickle, opened only through
-`torch.load(weights_only=True)`, which refuses to run code.
+`pytorch_model.bin`). Files are chosen in transformers' order (`_get_resolved_checkpoint_files`:
+model.safetensors, its index, pytorch_model.bin, its index), so the port reads the very tensors the
+reference reads. safetensors is preferred: a `.bin` is a pickle, opened only through
+`torch.load(weights_only=True)`, which refuses to run code (UnsafeCheckpointError).
 
 Params layout (a list of per-layer dicts; see equiv/mamba2/model.py for why not stacked):
 
@@ -12,22 +14,27 @@ Params layout (a list of per-layer dicts; see equiv/mamba2/model.py for why not 
     layers[i]: norm (d,)  in_proj (d, in_dim)  [in_proj_bias (in_dim,)]  conv_w (k, conv_dim)
                [conv_b (conv_dim,)]  dt_bias (h,)  A_log (h,)  D (h,) or (h, p)
                gnorm (e,)  out_proj (e, d)  [out_proj_bias (d,)]
+
+with in_dim = 2e + 2gn + h (z | x B C | dt) and conv_dim = e + 2gn (x B C).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from equiv.errors import CheckpointError, EquivError
-from equiv.mamba2.config import Mamba2Config, load_config
+from equiv.errors import CheckpointError, ConfigError, DtypeError, UnsafeCheckpointError
+from equiv.mamba2.config import Mamba2Config, load_config, read_json_object
 from equiv.safetensors_io import read_safetensors
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+MAX_INDEX_BYTES = 64 * 2**20  # a shard index is a name -> file table: kilobytes even for 100B models
 
 # Readable key table (bonsai `params.py` style): checkpoint suffix -> (our name, transform).
 # transform turns torch's layout into ours; `t` is a matmul weight stored (out, in) by nn.Linear.
@@ -46,6 +53,12 @@ _LAYER_KEYS = {
 }
 _PREFIX = {"transformers": ("backbone.embeddings.weight", "backbone.layers"),
            "mamba_ssm": ("backbone.embedding.weight", "backbone.layers")}
+# Dimension names per tensor (checkpoint layout), for messages: "expected (conv_dim=192, 1, conv_kernel=4)".
+_DIMS = {"embed": ("vocab_size", "d_model"), "lm_head": ("vocab_size", "d_model"), "norm_f": ("d_model",),
+         "norm": ("d_model",), "in_proj": ("in_proj_dim", "d_model"), "in_proj_bias": ("in_proj_dim",),
+         "conv_w": ("conv_dim", "", "conv_kernel"), "conv_b": ("conv_dim",), "dt_bias": ("n_heads",),
+         "A_log": ("n_heads",), "gnorm": ("d_inner",), "out_proj": ("d_model", "d_inner"),
+         "out_proj_bias": ("d_model",)}
 
 
 def expected_shapes(cfg: Mamba2Config) -> dict[str, tuple]:
@@ -61,59 +74,160 @@ def expected_shapes(cfg: Mamba2Config) -> dict[str, tuple]:
     return shapes
 
 
-def read_tensors(checkpoint_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory, whichever of the supported file layouts it uses."""
-    index = checkpoint_dir / "model.safetensors.index.json"
-    single = checkpoint_dir / "model.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: expected JSON with a 'weight_map' object, got an error: {e}") from None
-        tensors = {}
-        for name in files:
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise CheckpointError(f"{index}: shard names must be plain file names, got {name!r}")
-            shard = read_safetensors(checkpoint_dir / name)
-            tensors |= shard
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise CheckpointError(f"{index}: keys listed in weight_map but in no shard: {missing[:8]}")
-        return tensors
-    if single.is_file():
-        return read_safetensors(single)
-    bins = sorted(checkpoint_dir.glob("*.bin"))
-    if bins:
-        return _read_torch_bin(bins[0])
-    raise CheckpointError(f"{checkpoint_dir}: expected model.safetensors, model.safetensors.index.json or "
-                          f"pytorch_model.bin, found {sorted(p.name for p in checkpoint_dir.iterdir())[:10]}")
+def _named_shape(cfg: Mamba2Config, ours: str, shape: tuple) -> str:
+    dims = ("d_inner",) if ours == "D" and cfg.d_has_hdim else ("n_heads",) if ours == "D" else _DIMS[ours]
+    return "(" + ", ".join(f"{d}={s}" if d else str(s) for d, s in zip(dims, shape)) + ")"
+
+
+# ---------------------------------------------------------------------------------------------
+# files -> tensors
+
+
+def _plain_name(name) -> bool:
+    """A shard name from an index must be a file directly inside the checkpoint directory: no
+    separators, no '..', nothing absolute. (Symlinks are followed: the Hugging Face cache links
+    snapshot files to blobs elsewhere; the index, not the file system, is the untrusted part.)"""
+    return (isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
+            and not any(c in name for c in "/\\\0:"))
+
+
+def _read_sharded(index: Path, read_one) -> dict[str, np.ndarray]:
+    """A `*.index.json` {"weight_map": {key: shard file}} and the shards it names, cross-checked:
+    every shard present, every key in the shard the index names, no key in two shards."""
+    raw = read_json_object(index, "shard index", error=CheckpointError, max_bytes=MAX_INDEX_BYTES)
+    weight_map = raw.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: expected a non-empty 'weight_map' object, got "
+                              f"{type(weight_map).__name__}")
+    bad = sorted({repr(v)[:80] for v in weight_map.values() if not _plain_name(v)})
+    if bad:
+        raise CheckpointError(f"{index}: expected shard names that are plain file names inside "
+                              f"{index.parent}, got {', '.join(bad[:5])}")
+    files = sorted(set(weight_map.values()))
+    absent = [f for f in files if not (index.parent / f).is_file()]
+    if absent:
+        raise CheckpointError(f"{index}: expected the shards it names in {index.parent}, missing: "
+                              f"{', '.join(absent[:8])}")
+    tensors, where, problems = {}, {}, []
+    for name in files:
+        for key, arr in read_one(index.parent / name).items():
+            if key in where:
+                problems.append(f"{key}: expected in one shard, got two ({where[key]}, {name})")
+            tensors[key], where[key] = arr, name
+    problems += [f"{k}: expected in {weight_map[k]} (the index), got in {where[k]}"
+                 for k in weight_map if k in where and where[k] != weight_map[k]]
+    unlisted = sorted(set(where) - set(weight_map))
+    if unlisted:
+        problems.append(f"expected every shard key in weight_map, got {len(unlisted)} more: "
+                        f"{', '.join(unlisted[:8])}")
+    listed = sorted(set(weight_map) - set(where))
+    if listed:
+        problems.append(f"expected every weight_map key in a shard, {len(listed)} in none: "
+                        f"{', '.join(listed[:8])}")
+    if problems:
+        raise CheckpointError(f"{index}: index and shards disagree: " + "; ".join(problems[:12]))
+    return tensors
+
+
+_LAYOUTS = (("model.safetensors", read_safetensors, False),
+            ("model.safetensors.index.json", read_safetensors, True),
+            ("pytorch_model.bin", None, False),
+            ("pytorch_model.bin.index.json", None, True))
+
+
+def read_tensors(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory, from the first supported file layout present."""
+    checkpoint_dir = Path(checkpoint_dir)
+    for name, reader, sharded in _LAYOUTS:
+        path = checkpoint_dir / name
+        if path.is_file():
+            reader = reader or _read_torch_bin
+            return _read_sharded(path, reader) if sharded else reader(path)
+    try:
+        found = sorted(p.name for p in checkpoint_dir.iterdir())
+    except OSError as e:
+        found = [f"(cannot list: {e.strerror})"]
+    raise CheckpointError(f"{checkpoint_dir}: expected one of {', '.join(n for n, _, _ in _LAYOUTS)}, "
+                          f"found {found[:10]}")
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    """A pickle checkpoint, only through torch.load(weights_only=True): no code from the file runs."""
+    """A pickle checkpoint, only through torch.load(weights_only=True): its restricted unpickler
+    builds tensors and containers and refuses every other global, so no code from the file runs.
+    The argument is passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD only overrides a default."""
     try:
+        import pickle
+
         import torch
     except ImportError:
-        raise CheckpointError(f"{path}: .bin checkpoints need torch (pip install torch); "
+        raise CheckpointError(f"{path}: expected torch to read a .bin checkpoint (pip install torch); "
                               "prefer safetensors, which needs nothing") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused or unreadable by torch.load(weights_only=True): {first[:300]}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": we report the outcome ourselves
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), (lines or [""])[0])
+        if "GLOBAL" in detail:  # the pickle calls or builds something other than tensors and containers
+            raise UnsafeCheckpointError(f"{path}: expected a pickle of plain tensors, got one that would run "
+                                        f"code; refused (torch.load with weights_only=True ran nothing): "
+                                        f"{detail[:300]}") from None
+        raise CheckpointError(f"{path}: expected a pickle of plain tensors, torch.load(weights_only=True) "
+                              f"refused it: {detail[:300]}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zipfile errors...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: expected a torch checkpoint, torch.load(weights_only=True) failed: "
+                              f"{first}") from None
+    if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a flat state dict of tensors, got {type(state).__name__}")
-    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
-            for k, v in state.items()}
+    bad = [repr(k)[:60] for k, v in state.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: expected a flat state dict of str -> tensor, got other entries: "
+                              f"{', '.join(bad[:8])}")
+    out = {}
+    for k, v in state.items():
+        try:
+            v = v.detach().cpu()
+            out[k] = (v.float() if v.dtype == torch.bfloat16 else v.resolve_conj().resolve_neg()).numpy()
+        except (RuntimeError, TypeError) as e:  # sparse, quantized, float8: no numpy equivalent
+            raise CheckpointError(f"{path}: tensor {k!r}: expected a dense tensor numpy can hold, got "
+                                  f"{v.dtype}, {v.layout}: "
+                                  f"{str(e).splitlines()[0][:200]}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors -> params
+
+
+def _layer_indices(tensors, layer_prefix: str) -> list[int]:
+    pat = re.compile(re.escape(layer_prefix) + r"\.(\d{1,9})\.")
+    return sorted({int(m.group(1)) for k in tensors if (m := pat.match(k))})
+
+
+def _is_float(a) -> bool:
+    return a.dtype.kind == "f" or a.dtype == ml_dtypes.bfloat16
+
+
+def _check_dtype(dtype) -> type:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise DtypeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r} ({type(dtype).__name__})")
+    return DTYPES[dtype]
 
 
 def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dtype: str = "float32") -> dict:
     """Checkpoint tensors -> params pytree (see module docstring). Raises CheckpointError listing every
-    missing, unexpected and misshapen key at once."""
-    if dtype not in DTYPES:
-        raise EquivError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-    np_dtype = DTYPES[dtype]
+    missing, unexpected, misshapen, non-float and non-finite key at once."""
+    np_dtype = _check_dtype(dtype)
+    if fmt not in _PREFIX:
+        raise ConfigError(f"checkpoint format: expected one of {sorted(_PREFIX)}, got {fmt!r}")
+    bad_keys = [repr(k)[:60] for k, v in tensors.items()
+                if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+    if bad_keys:
+        raise CheckpointError(f"{fmt} checkpoint: expected str -> array entries, got "
+                              f"{', '.join(bad_keys[:8])}")
     embed_key, layer_prefix = _PREFIX[fmt]
     shapes = expected_shapes(cfg)
     top = {embed_key: ("embed", (cfg.vocab_size, cfg.d_model)),
@@ -121,71 +235,91 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
     if not cfg.tie_embeddings:
         top["lm_head.weight"] = ("lm_head", (cfg.vocab_size, cfg.d_model))
     wanted = dict(top)
-    for i in range(cfg.n_layers):
+    hints = []
+    present = _layer_indices(tensors, layer_prefix)
+    if len(present) != cfg.n_layers or (present and present[-1] != cfg.n_layers - 1):  # sorted, distinct
+        got = f"{present[0]}..{present[-1]} ({len(present)} distinct)" if present else "none"
+        hints.append(f"n_layers: config.json says {cfg.n_layers}, the checkpoint has layer indices {got}")
+    # Bounded by the tensor count: a config claiming 2**31 layers must not build a 2**31-row table
+    for i in range(min(cfg.n_layers, len(tensors) + 1)):
         for suffix, (ours, _) in _LAYER_KEYS.items():
             if ours in shapes:
                 wanted[f"{layer_prefix}.{i}.{suffix}"] = ((ours, i), shapes[ours])
+    emb = tensors.get(embed_key)
+    if emb is not None and emb.ndim == 2 and emb.shape[1] == cfg.d_model and emb.shape[0] != cfg.vocab_size:
+        hints.append(f"vocab_size: config.json says {cfg.vocab_size}, the embedding has {emb.shape[0]} rows")
     tied_extra = []
-    if cfg.tie_embeddings and "lm_head.weight" in tensors and embed_key in tensors:
+    if cfg.tie_embeddings and "lm_head.weight" in tensors and emb is not None:
         # save_pretrained may write the tied head too; accept it only if it really is the embedding
-        if not np.array_equal(tensors["lm_head.weight"], tensors[embed_key]):
+        if not np.array_equal(tensors["lm_head.weight"], emb):
             tied_extra.append("lm_head.weight (present and different from the embedding although "
                               "tie_word_embeddings is true)")
     missing = sorted(set(wanted) - set(tensors))
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
     unexpected = sorted(set(tensors) - set(wanted) - tied_head) + tied_extra
-    misshapen = [f"{k}: expected {shape}, got {tuple(tensors[k].shape)}"
-                 for k, (_, shape) in wanted.items() if k in tensors and tuple(tensors[k].shape) != shape]
-    bad_dtype = [f"{k}: {tensors[k].dtype}" for k in wanted if k in tensors
-                 and not np.issubdtype(np.asarray(tensors[k][:0]).dtype, np.floating)
-                 and tensors[k].dtype != ml_dtypes.bfloat16]
+    misshapen = [f"{k}: expected {_named_shape(cfg, ours if isinstance(ours, str) else ours[0], shape)}, "
+                 f"got {tuple(tensors[k].shape)}"
+                 for k, (ours, shape) in wanted.items() if k in tensors and tuple(tensors[k].shape) != shape]
+    bad_dtype = [f"{k}: {tensors[k].dtype}" for k in wanted if k in tensors and not _is_float(tensors[k])]
     problems = []
     if missing:
-        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}")
+        problems.append(f"expected keys missing ({len(missing)}): {', '.join(missing[:12])}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}")
     if misshapen:
-        problems.append("wrong shapes: " + "; ".join(misshapen[:12]))
+        problems.append(f"wrong shapes ({len(misshapen)}): " + "; ".join(misshapen[:12]))
     if bad_dtype:
         problems.append("expected floating tensors, got: " + ", ".join(bad_dtype[:12]))
     if problems:
-        raise CheckpointError(f"{fmt} checkpoint does not match its config.json: " + " | ".join(problems))
+        raise CheckpointError(f"{fmt} checkpoint: expected the tensors its config.json implies, got: "
+                              + " | ".join(hints + problems))
+    return _to_params(cfg, wanted, tensors, np_dtype, fmt)
 
-    def conv(name, arr):
-        arr = np.asarray(arr).astype(np.float32)
-        if name == "in_proj" or name == "out_proj":
-            return arr.T  # (out, in) -> (in, out) for x @ W
-        if name == "conv_w":
-            return arr[:, 0, :].T  # (conv_dim, 1, k) -> (k, conv_dim)
-        if name == "D" and cfg.d_has_hdim:
-            return arr.reshape(cfg.n_heads, cfg.head_dim)
-        return arr
 
-    layers: dict[str, list] = {}
-    params: dict = {}
-    for key, (ours, _) in wanted.items():
-        if isinstance(ours, tuple):
-            name, i = ours
-            layers.setdefault(name, [None] * cfg.n_layers)[i] = conv(name, tensors[key])
-        else:
-            params[ours] = conv(ours, tensors[key])
-    if "lm_head" in params:
-        params["lm_head"] = params["lm_head"].T  # (v, d) -> (d, v)
-    params["layers"] = [{name: arrs[i] for name, arrs in layers.items()} for i in range(cfg.n_layers)]
+def _to_params(cfg: Mamba2Config, wanted: dict, tensors: dict, np_dtype, fmt: str) -> dict:
+    """Checked tensors -> params, rounded to the model dtype. Non-finite weights (NaN/inf stored, or
+    a value beyond the dtype's range) are refused: every comparison built on them is meaningless."""
     # A_log, dt_bias and D are rounded to the model dtype (as `model.to(dtype)` does to the
     # reference) but held in float32: every consumer upcasts them first anyway.
     keep_fp32 = {"A_log", "dt_bias", "D"}
 
-    def cast(name, a):
-        a = np.asarray(a).astype(np_dtype)
-        return jnp.asarray(a.astype(np.float32) if name in keep_fp32 else a)
+    def convert(name, arr):
+        a = np.asarray(arr).astype(np.float32).astype(np_dtype)  # via float32, as the reference loads
+        if name in keep_fp32:
+            a = a.astype(np.float32)
+        if name in ("in_proj", "out_proj", "lm_head"):
+            return a.T  # (out, in) -> (in, out) for x @ W
+        if name == "conv_w":
+            return a[:, 0, :].T  # (conv_dim, 1, k) -> (k, conv_dim)
+        if name == "D" and cfg.d_has_hdim:
+            return a.reshape(cfg.n_heads, cfg.head_dim)
+        return a
 
-    params["layers"] = [{k: cast(k, v) for k, v in lp.items()} for lp in params["layers"]]
-    return {k: (v if k == "layers" else cast(k, v)) for k, v in params.items()}
+    layers: list[dict] = [{} for _ in range(cfg.n_layers)]
+    params: dict = {}
+    nonfinite = []
+    for key, (ours, _) in wanted.items():
+        name = ours[0] if isinstance(ours, tuple) else ours
+        a = convert(name, tensors[key])
+        if not np.isfinite(a).all():
+            nonfinite.append(f"{key} ({int(a.size - np.isfinite(a).sum())} of {a.size})")
+        if isinstance(ours, tuple):
+            layers[ours[1]][name] = a
+        else:
+            params[name] = a
+    if nonfinite:
+        raise CheckpointError(f"{fmt} checkpoint: expected finite weights in {np.dtype(np_dtype).name}, got "
+                              f"NaN/inf in {len(nonfinite)} tensors: {', '.join(nonfinite[:8])}")
+    params = {k: jnp.asarray(v) for k, v in params.items()}
+    params["layers"] = [{k: jnp.asarray(v) for k, v in lp.items()} for lp in layers]
+    return params
 
 
 def load_checkpoint(checkpoint_dir: str | Path, dtype: str = "float32") -> tuple[Mamba2Config, dict, str]:
     """Read and convert a checkpoint directory. Returns (config, params, format)."""
+    _check_dtype(dtype)  # before reading gigabytes
+    if not isinstance(checkpoint_dir, (str, os.PathLike)) or str(checkpoint_dir) == "":
+        raise CheckpointError(f"checkpoint: expected a directory path, got {checkpoint_dir!r}")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise CheckpointError(f"checkpoint: expected a directory, got {checkpoint_dir} "
