@@ -77,6 +77,13 @@ def _margin(logits: np.ndarray) -> float:
     return float(top[1] - top[0])
 
 
+def full_logits(runner, ids, mask) -> np.ndarray:
+    """A runner's full-forward logits: its `logits` method when it has one (recordings keep only
+    what is needed), else the 'logits' tap of `run`."""
+    method = getattr(runner, "logits", None)
+    return method(ids, mask) if method else runner.run(ids, mask)["logits"]
+
+
 def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray | None,
                  max_new_tokens: int, eos_id: int | None = None, dtype: str = "float32") -> DecodeResult:
     """prompts (b, P) left-padded where `mask` is given. `reference` and `oracle` are runners with
@@ -94,8 +101,8 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
     full_mask = None if mask is None else np.concatenate([mask, np.ones((b, T), mask.dtype)], axis=1)
     port_steps = model.step_logits(seq, full_mask, P)[:, :T]  # b T v: prediction for step k
     ref_steps = reference.step_logits(seq, full_mask, P)[:, :T]
-    ref_full = reference.run(seq, full_mask)["logits"][:, P - 1:P - 1 + T]
-    oracle_full = oracle.run(seq, full_mask)["logits"][:, P - 1:P - 1 + T]
+    ref_full = full_logits(reference, seq, full_mask)[:, P - 1:P - 1 + T]
+    oracle_full = full_logits(oracle, seq, full_mask)[:, P - 1:P - 1 + T]
     valid = [len(r) for r in ref_tok]  # compare only steps the reference really generated
     sel = lambda a: np.concatenate([a[i, :valid[i]] for i in range(b)])  # noqa: E731
     logits_cmp = compare_tap("decode.logits", sel(port_steps), sel(ref_full), sel(oracle_full), dtype)

@@ -52,6 +52,11 @@ class RecordingRunner:
         self.records[call_key("run", ids, mask)] = {k: np.asarray(v) for k, v in out.items()}
         return out
 
+    def logits(self, ids, mask=None):
+        out = self.inner.run(ids, mask)["logits"]
+        self.records[call_key("logits", ids, mask)] = {"logits": np.asarray(out)}
+        return out
+
     def step_logits(self, ids, mask, prompt_len):
         out = self.inner.step_logits(ids, mask, prompt_len)
         self.records[call_key("step_logits", ids, mask, prompt_len=prompt_len)] = {"logits": np.asarray(out)}
@@ -99,6 +104,9 @@ class GoldenRunner:
 
     def run(self, ids, mask=None):
         return self._get(call_key("run", ids, mask), "forward")
+
+    def logits(self, ids, mask=None):
+        return self._get(call_key("logits", ids, mask), "logits")["logits"]
 
     def step_logits(self, ids, mask, prompt_len):
         return self._get(call_key("step_logits", ids, mask, prompt_len=prompt_len), "decode")["logits"]
