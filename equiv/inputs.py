@@ -40,8 +40,11 @@ def check_tokens(ids, vocab_size: int, mask=None, name: str = "ids") -> tuple[np
         if mask.dtype.kind not in "biuf":
             raise ShapeError(f"mask: expected 0/1 numbers or booleans, got dtype {mask.dtype}")
         if not np.isin(mask, (0, 1)).all():
-            raise ShapeError("mask: expected only 0 (padding) and 1 (token) values")
-        if (mask.sum(axis=1) == 0).any():
-            raise TokenRangeError("mask: every sequence needs at least one unmasked token")
+            odd = [v.item() for v in np.unique(mask[~np.isin(mask, (0, 1))])[:5]]
+            raise ShapeError(f"mask: expected only 0 (padding) and 1 (token) values, got {odd}")
+        empty = np.flatnonzero(mask.sum(axis=1) == 0)
+        if empty.size:
+            raise TokenRangeError(f"mask: expected at least one unmasked token per sequence, got none in "
+                                  f"rows {empty[:8].tolist()}")
         mask = mask.astype(np.int32)
     return ids.astype(np.int32), mask

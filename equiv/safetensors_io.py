@@ -141,7 +141,8 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
     header, chunks, offset = {}, [], 0
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.asarray(tensors[name])
+        arr = arr if arr.flags.c_contiguous else np.ascontiguousarray(arr)  # keeps 0-d arrays 0-d
         if not isinstance(name, str) or arr.dtype not in _NAMES:
             raise DtypeError(f"write_safetensors: expected str names and dtypes in {sorted(_NAMES)}, "
                              f"got {name!r}: {arr.dtype}")

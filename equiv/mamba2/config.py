@@ -373,11 +373,15 @@ def detect_format(raw: dict) -> str:
                       f"mamba_ssm config (with ssm_cfg); got keys {sorted(map(str, raw))[:12]}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
 def _no_duplicate_keys(pairs):
     seen = {}
     for k, v in pairs:
-        if k in seen:
-            raise ConfigError(f"expected each key once, got {k!r} twice")
+        if k in seen:  # json keeps the last one silently: which one did the author mean?
+            raise _DuplicateKey(f"expected each key once, got {k!r} twice")
         seen[k] = v
     return seen
 
@@ -388,15 +392,16 @@ def read_json_object(path: Path, what: str, error=ConfigError, max_bytes: int = 
     long to convert, not an object."""
     try:
         size = path.stat().st_size
-        if size > max_bytes:
-            raise error(f"{path}: expected a {what} under {max_bytes} bytes, got {size} bytes")
-        text = path.read_bytes().decode("utf-8")
-        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        blob = path.read_bytes() if size <= max_bytes else b""
     except FileNotFoundError:
         raise error(f"{path}: expected a {what}, the file does not exist") from None
     except OSError as e:
         raise error(f"{path}: expected a readable {what}, got {e.strerror or type(e).__name__}") from None
-    except ConfigError as e:
+    if size > max_bytes:
+        raise error(f"{path}: expected a {what} under {max_bytes} bytes, got {size} bytes")
+    try:
+        raw = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
         raise error(f"{path}: {e}") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
         first = str(e).splitlines()[0][:200] if str(e) else ""
@@ -412,8 +417,8 @@ def load_config(checkpoint_dir: str | Path) -> tuple[Mamba2Config, str]:
     if not path.is_file():
         raise ConfigError(f"checkpoint: expected {path} to exist, it does not")
     raw = read_json_object(path, "config.json")
-    fmt = detect_format(raw)
     try:
+        fmt = detect_format(raw)
         cfg = config_from_transformers(raw) if fmt == "transformers" else config_from_mamba_ssm(raw)
     except ConfigError as e:
         raise type(e)(f"{path}: {e}") from None

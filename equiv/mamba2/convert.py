@@ -140,6 +140,8 @@ def read_tensors(checkpoint_dir: str | Path) -> dict[str, np.ndarray]:
     checkpoint_dir = Path(checkpoint_dir)
     for name, reader, sharded in _LAYOUTS:
         path = checkpoint_dir / name
+        if path.exists() and not path.is_file():
+            raise CheckpointError(f"{path}: expected a regular file, got a directory or special file")
         if path.is_file():
             reader = reader or _read_torch_bin
             return _read_sharded(path, reader) if sharded else reader(path)
@@ -176,7 +178,7 @@ def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path}: expected a pickle of plain tensors, torch.load(weights_only=True) "
                               f"refused it: {detail[:300]}") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, EOFError, zipfile errors...
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        first = str(e).strip().splitlines()[0].split(". ")[0][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: expected a torch checkpoint, torch.load(weights_only=True) failed: "
                               f"{first}") from None
     if not isinstance(state, dict):
@@ -300,7 +302,8 @@ def _to_params(cfg: Mamba2Config, wanted: dict, tensors: dict, np_dtype, fmt: st
     nonfinite = []
     for key, (ours, _) in wanted.items():
         name = ours[0] if isinstance(ours, tuple) else ours
-        a = convert(name, tensors[key])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
+            a = convert(name, tensors[key])
         if not np.isfinite(a).all():
             nonfinite.append(f"{key} ({int(a.size - np.isfinite(a).sum())} of {a.size})")
         if isinstance(ours, tuple):
@@ -322,7 +325,8 @@ def load_checkpoint(checkpoint_dir: str | Path, dtype: str = "float32") -> tuple
         raise CheckpointError(f"checkpoint: expected a directory path, got {checkpoint_dir!r}")
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise CheckpointError(f"checkpoint: expected a directory, got {checkpoint_dir} "
+        shown = str(checkpoint_dir) if str(checkpoint_dir).isprintable() else repr(str(checkpoint_dir))
+        raise CheckpointError(f"checkpoint: expected a directory, got {shown} "
                               f"({'a file' if checkpoint_dir.exists() else 'does not exist'})")
     cfg, fmt = load_config(checkpoint_dir)
     params = map_tensors(cfg, fmt, read_tensors(checkpoint_dir), dtype)
