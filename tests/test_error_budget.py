@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from equiv import ssd
-from equiv.compare import BudgetExceeded, assert_within_budget, compare_tap, ulp_at
+from equiv.compare import FLOOR_ULPS, BudgetExceeded, assert_within_budget, compare_tap, ulp_at
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
 
@@ -77,8 +77,9 @@ def test_chunked_within_2x_of_torch_fp32_on_long_strong_decay():
     y, state = _chunked_fp32(kw)
     res = assert_within_budget("ssd_chunked y (l=1000, chunk 256)", y, reference[0], oracle[0], budget=2.0)
     res_state = assert_within_budget("ssd_chunked final state", state, reference[1], oracle[1], budget=2.0)
-    print(f"\nssd_chunked vs float64 oracle: err {res.err_port:.3g}, transformers fp32 err "
-          f"{res.err_ref:.3g}, ratio {res.ratio:.2f} (state ratio {res_state.ratio:.2f})")
+    print(f"\nssd_chunked vs float64 oracle: RMS err {res.err_port:.3g}, transformers fp32 RMS err "
+          f"{res.err_ref:.3g}, ratio {res.ratio:.2f}; max err {res.max_err_port:.3g} vs "
+          f"{res.max_err_ref:.3g}, ratio {res.ratio_max:.2f} (state ratio {res_state.ratio:.2f})")
 
 
 def test_cumsum_difference_segsum_fails_the_budget(monkeypatch):
@@ -86,8 +87,8 @@ def test_cumsum_difference_segsum_fails_the_budget(monkeypatch):
     monkeypatch.setattr(ssd, "segsum", segsum_cumsum_difference)
     y, _ = _chunked_fp32(kw)
     res = compare_tap("planted cumsum-difference segsum", y, reference[0], oracle[0], budget=2.0)
-    print(f"\ncumsum-difference segsum: err {res.err_port:.3g} vs reference {res.err_ref:.3g}, "
-          f"ratio {res.ratio:.1f}: {res.verdict}")
+    print(f"\ncumsum-difference segsum: RMS err {res.err_port:.3g} vs reference {res.err_ref:.3g}, "
+          f"ratio {res.ratio:.1f} (max-error ratio {res.ratio_max:.1f}): {res.verdict}")
     assert res.verdict == "fail" and res.ratio > 2.0, res.reason
     with pytest.raises(BudgetExceeded, match="reference's own float error"):
         assert_within_budget("planted", y, reference[0], oracle[0], budget=2.0)
@@ -137,16 +138,18 @@ def test_all_nan_port_fails():
 
 
 def test_exact_reference_uses_the_floor():
-    oracle = np.array([1.0, -0.5, 0.25, 2.0])  # exactly representable: the reference is exact
+    # every |oracle| in [1, 2): one float32 ULP (2**-23) at the max and at the RMS scale alike
+    oracle = np.array([1.5, -1.25, 1.75, 1.0])  # exactly representable: the reference is exact
     reference = oracle.astype(np.float32)
-    ulp = ulp_at(2.0, "float32")
-    one_ulp_off = (oracle + np.array([0, 0, 0, ulp])).astype(np.float32)
+    ulp = 2.0**-23
+    assert ulp_at(1.5, "float32") == ulp
+    one_ulp_off = (oracle + ulp * np.sign(oracle)).astype(np.float32)
     res = compare_tap("t", one_ulp_off, reference, oracle)
-    assert res.err_ref == 0.0 and res.floor == 4 * ulp
-    assert res.verdict == "pass" and res.ratio == pytest.approx(0.25)
-    ten_ulps_off = (oracle + np.array([0, 0, 0, 10 * ulp])).astype(np.float32)
+    assert res.err_ref == 0.0 and res.floor == FLOOR_ULPS * ulp
+    assert res.verdict == "pass" and res.ratio == pytest.approx(1 / FLOOR_ULPS)
+    ten_ulps_off = (oracle + 10 * ulp * np.sign(oracle)).astype(np.float32)
     res_bad = compare_tap("t", ten_ulps_off, reference, oracle)
-    assert res_bad.verdict == "fail" and res_bad.ratio == pytest.approx(2.5)
+    assert res_bad.verdict == "fail" and res_bad.ratio == pytest.approx(10 / FLOOR_ULPS)
 
 
 def test_shape_mismatch_fails():

@@ -169,10 +169,11 @@ near zero, where a bf16 ULP is tiny)."""
 FP32_NOISE_ULPS = 64
 
 
-@given(inst=ssd_instances())
+@given(inst=ssd_instances(buckets=tuple(bk for bk in BUCKETS if bk.name in ("A-tail", "C-long"))))
 def test_bfloat16_inputs(inst):
     """bf16 x, dt, B, C, z: outputs finite, in bf16, within BF16_OUTPUT_ULPS of the float32 result
-    on the same values; the state stays float32 (known-bugs.md row 9)."""
+    on the same values; the state stays float32 (known-bugs.md row 9). Two buckets (every optional
+    argument between them): a bf16 executable is one more compile per bucket."""
     kw, q = inst.kwargs(), inst.chunk_size
     bf = ml_dtypes.bfloat16
     kw16 = {k: (v.astype(bf) if k in H.TIME_ARRAYS and v is not None else v) for k, v in kw.items()}

@@ -17,13 +17,13 @@ import pytest
 from hypothesis import given
 
 from equiv.strategies import ssd_instances
-from reference.mamba_ssm_refs import MambaSsmUnavailable, load_mamba_ssm_refs, mamba_ssm_available
+from reference.mamba_ssm_refs import MambaSsmUnavailable, load_mamba_ssm_refs, mamba_ssm_installed
 from tests import ssd_harness as H
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
 
 needs_mamba_ssm = pytest.mark.skipif(
-    not mamba_ssm_available(),
+    not mamba_ssm_installed(),
     reason="mamba_ssm is not installed (pip install triton einops && MAMBA_SKIP_CUDA_BUILD=TRUE "
            "MAMBA_FORCE_BUILD=TRUE pip install --no-build-isolation --no-deps mamba-ssm==2.3.2.post1)")
 
