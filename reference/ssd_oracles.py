@@ -6,9 +6,10 @@ Every function takes numpy arrays (or None) with the keywords of `equiv.ssd.ssd_
     dt_bias (h,)     initial_states (b, h, p, n)
 
 plus `dtype` (torch.float32 or torch.float64, the precision the reference computes in) and returns
-numpy (y, final_state) in that dtype. dt is discretised as mamba_ssm's kernels do
-(`_chunk_cumsum_fwd`): dt + dt_bias, softplus (torch's threshold 20), then the dt_limit clamp only
-when it is not the default (0, inf).
+numpy (y, final_state) in that dtype (y alone with return_final_states=False; the default is True,
+unlike ssd_chunked's, since a reference is there to be compared in full). dt is discretised as
+mamba_ssm's kernels do (`_chunk_cumsum_fwd`): dt + dt_bias, softplus (torch's threshold 20), then
+the dt_limit clamp only when it is not the default (0, inf).
 
 - `mamba_ssm_minimal`: mamba_ssm `ssd_minimal_discrete` (the paper's Listing 1), D and z outside.
 - `mamba_ssm_step`: mamba_ssm `selective_state_update_ref`, one decode step, Mamba-2 tied layouts.
@@ -59,6 +60,11 @@ def _discretize(dt, dt_bias, dt_softplus, dt_limit):
     return dt
 
 
+def _result(y, final, return_final_states):
+    """(y, final_state) as numpy; y alone when return_final_states is False (ssd_chunked's rule)."""
+    return (_numpy(y), _numpy(final)) if return_final_states else _numpy(y)
+
+
 def _skip_and_gate(y, x, D, z):
     """(y + D x) * silu(z): D skip then z gating, the order of `mamba_chunk_scan_combined`."""
     if D is not None:
@@ -73,7 +79,8 @@ def _skip_and_gate(y, x, D, z):
 
 
 def mamba_ssm_minimal(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
-                      dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, dtype=torch.float32):
+                      dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, return_final_states=True,
+                      dtype=torch.float32):
     """mamba_ssm `ssd_minimal_discrete` in `dtype`, for any l. Returns (y, final_state).
 
     It takes X = x * dt and A * dt (already discretised) with B, C expanded to heads, and needs
@@ -99,7 +106,7 @@ def mamba_ssm_minimal(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, 
     y, final = ssd_minimal_discrete(X, dA, Bh, Ch, chunk_size,
                                     initial_states=None if h0 is None else h0[:, None])
     y = _skip_and_gate(y[:, :l], x, D, z)
-    return _numpy(y), _numpy(final)
+    return _result(y, final, return_final_states)
 
 
 def mamba_ssm_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -161,7 +168,7 @@ def transformers_chunk_scan_provenance() -> dict:
 
 def transformers_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
                             initial_states=None, dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT,
-                            dtype=torch.float32):
+                            return_final_states=True, dtype=torch.float32):
     """transformers' `mamba2_chunk_scan` torch fallback. Returns (y, final_state) in float32.
 
     Raises ReferenceBindingError if transformers bound a kernel instead (see
@@ -186,7 +193,7 @@ def transformers_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=
         dt_bias=dt_bias, initial_states=h0, dt_softplus=dt_softplus, dt_limit=dt_limit,
         return_final_states=True)
     y = _skip_and_gate(y, x, D if D is not None and D.ndim == 2 else None, z)
-    return _numpy(y), _numpy(final)
+    return _result(y, final, return_final_states)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +202,7 @@ def transformers_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=
 
 def ssd_oracle_fp64(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=None,
                     initial_states=None, dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT,
-                    dtype=torch.float64):
+                    return_final_states=True, dtype=torch.float64):
     """The ground truth: the recurrence h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t,
     token by token in `dtype` (float64 by default; float32 gives a sequential float32 reference).
     Independent of chunking (`chunk_size` is accepted and ignored, so calls can share keywords).
@@ -219,7 +226,7 @@ def ssd_oracle_fp64(x, dt, A, B, C, chunk_size=None, D=None, z=None, dt_bias=Non
         ys.append(torch.einsum("bgrpn,bgn->bgrp", state, C[:, t]))
     y = torch.stack(ys, dim=1).reshape(b, l, h, p)
     y = _skip_and_gate(y, x, D, z)
-    return _numpy(y), _numpy(state.reshape(b, h, p, n))
+    return _result(y, state.reshape(b, h, p, n), return_final_states)
 
 
 def ssd_oracle_step_fp64(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

@@ -13,16 +13,22 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from equiv.strategies import BUCKETS, ssd_instances
+from equiv.strategies import BUCKETS, Regime, build_instance, ssd_instances
 from tests import ssd_harness as H
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
 
 
 @given(inst=ssd_instances())
+# the corners of the value ranges, always run: strongest decay with the largest values, and almost
+# no decay with the smallest
+@example(inst=build_instance("C-long", Regime(seed=1, log10_decay_max=float(np.log10(16.0)),
+                                               log10_x_scale=2.0, dt_center=3.0)))
+@example(inst=build_instance("A-tail", Regime(seed=2, log10_decay_max=-3.0, log10_x_scale=-2.0,
+                                               dt_center=-6.0)))
 def test_forms_agree_within_budget(inst):
     """chunked, scan and quadratic each within budget of the oracle, and of each other."""
     kw = inst.kwargs()
