@@ -28,8 +28,16 @@ import numpy as np
 import pytest
 
 import equiv
-from equiv.errors import (CheckpointError, ConfigError, DtypeError, EquivError, ShapeError, TokenRangeError,
-                          UnsafeCheckpointError, UnsupportedFeatureError)
+from equiv.errors import (
+    CheckpointError,
+    ConfigError,
+    DtypeError,
+    EquivError,
+    ShapeError,
+    TokenRangeError,
+    UnsafeCheckpointError,
+    UnsupportedFeatureError,
+)
 from equiv.fixtures import fixture_dir
 from equiv.mamba2.convert import load_checkpoint
 from equiv.safetensors_io import read_safetensors, write_safetensors
@@ -71,7 +79,8 @@ def mamba_ssm_format(config: dict, tensors: dict) -> tuple[dict, dict]:
           "ssm_cfg": {"layer": "Mamba2", "d_state": c["state_size"], "d_conv": c["conv_kernel"],
                       "expand": c["expand"], "headdim": c["head_dim"], "ngroups": c["n_groups"],
                       "chunk_size": c["chunk_size"], "bias": c["use_bias"], "conv_bias": c["use_conv_bias"]}}
-    t = {("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v for k, v in tensors.items()}
+    t = {("backbone.embedding.weight" if k == "backbone.embeddings.weight" else k): v
+         for k, v in tensors.items()}
     t["lm_head.weight"] = t["backbone.embedding.weight"].copy()
     return ms, t
 
@@ -283,19 +292,29 @@ CASES: list[Case] = [
                 r"expected expand x hidden_size = d_inner = 2 x 64 = 128, got 8 x 15 = 120", head_dim=15),
     config_case("chunk_size 0", "config contradicts itself", ConfigError,
                 r"chunk_size: expected an integer in \[1, 2147483647\], got 0", chunk_size=0),
-    config_case("chunk_size -4", "config contradicts itself", ConfigError, r"chunk_size: .* got -4", chunk_size=-4),
+    config_case("chunk_size -4", "config contradicts itself", ConfigError, r"chunk_size: .* got -4",
+                chunk_size=-4),
     config_case("time_step_limit lo > hi", "config contradicts itself", ConfigError,
                 r"time_step_limit: expected 0 <= lo < hi", time_step_limit=[0.5, 0.1]),
     config_case("layer_norm_epsilon 0", "config contradicts itself", ConfigError,
-                r"layer_norm_epsilon: expected a finite value > 0, got 0.0", layer_norm_epsilon=0),
+                r"layer_norm_epsilon: expected a finite value > 0 that float32 holds .*got 0.0",
+                layer_norm_epsilon=0.0),
+    config_case("layer_norm_epsilon 1e47 (beyond float32)", "config contradicts itself", ConfigError,
+                r"layer_norm_epsilon: expected a finite value > 0 that float32 holds "
+                r"\(in \[1.4e-45, 3.403e\+38\]\), got 1e\+47", layer_norm_epsilon=1e47),
+    config_case("time_step_limit hi 1e39 (beyond float32)", "config contradicts itself", ConfigError,
+                r"time_step_limit: expected 0 <= lo < hi, lo finite, both within float32 \(hi may be inf\), "
+                r"got \(0.0, 1e\+39\)", time_step_limit=[0.0, 1e39]),
     tensors_case("vocab_size smaller than the embedding",
                  lambda c, t: c.update(vocab_size=64), CheckpointError,
-                 r"vocab_size: config.json says 64, the embedding has 96 rows", area="config contradicts itself"),
+                 r"vocab_size: config.json says 64, the embedding has 96 rows",
+                 area="config contradicts itself"),
     tensors_case("num_hidden_layers more than the checkpoint holds",
                  lambda c, t: c.update(num_hidden_layers=3), CheckpointError,
                  r"n_layers: config.json says 3, the checkpoint has layer indices 0..1",
                  area="config contradicts itself"),
-    config_case("mamba_ssm headdim does not divide expand x d_model", "config contradicts itself", ConfigError,
+    config_case("mamba_ssm headdim does not divide expand x d_model", "config contradicts itself",
+                ConfigError,
                 r"ssm_cfg.headdim \(p\): expected a divisor of expand x d_model = 128, got 48",
                 fmt="mamba_ssm", ssm_cfg__headdim=48),
     config_case("mamba_ssm pad_vocab_size_multiple 0", "config contradicts itself", ConfigError,
@@ -306,14 +325,14 @@ CASES: list[Case] = [
                 r"hidden_size: expected an integer in \[1, 2147483647\], got '64' \(str\)", hidden_size="64"),
     config_case("num_heads as a bool", "config value types", ConfigError, r"num_heads: .*got True \(bool\)",
                 num_heads=True),
-    config_case("state_size as a float", "config value types", ConfigError, r"state_size: .*got 16.0 \(float\)",
-                state_size=16.0),
+    config_case("state_size as a float", "config value types", ConfigError,
+                r"state_size: .*got 16.0 \(float\)", state_size=16.0),
     config_case("head_dim null", "config value types", ConfigError, r"head_dim: .*got None \(NoneType\)",
                 head_dim=None),
     config_case("chunk_size NaN", "config value types", ConfigError, r"chunk_size: .*got nan \(float\)",
                 chunk_size=float("nan")),
     config_case("num_hidden_layers 10**30", "config value types", ConfigError,
-                r"num_hidden_layers: expected an integer in \[1, 2147483647\], got 1000000000000000000000000000000",
+                r"num_hidden_layers: expected an integer in \[1, 2147483647\], got 1" + "0" * 30,
                 num_hidden_layers=10**30),
     config_case("vocab_size 2**31 (beyond int32 ids)", "config value types", ConfigError,
                 r"vocab_size: .*got 2147483648", vocab_size=2**31),
@@ -322,18 +341,29 @@ CASES: list[Case] = [
     config_case("tie_word_embeddings as 1", "config value types", ConfigError,
                 r"tie_word_embeddings: expected true or false, got 1 \(int\)", tie_word_embeddings=1),
     config_case("layer_norm_epsilon as a string", "config value types", ConfigError,
-                r"layer_norm_epsilon: expected a number, got '1e-5' \(str\)", layer_norm_epsilon="1e-5"),
+                r"layer_norm_epsilon: expected a float .*, got '1e-5' \(str\)", layer_norm_epsilon="1e-5"),
+    config_case("layer_norm_epsilon as an integer", "config value types", ConfigError,
+                r"layer_norm_epsilon: expected a float \(transformers refuses integers here\), got 1 \(int\)",
+                layer_norm_epsilon=1),
+    config_case("initializer_range (ignored) as a string", "config value types", ConfigError,
+                r"initializer_range: expected a float .*got 'abc' \(str\)", initializer_range="abc"),
+    config_case("pad_token_id as a list", "config value types", ConfigError,
+                r"pad_token_id: expected a token id or null, got \[1\] \(list\)", pad_token_id=[1]),
     config_case("layer_norm_epsilon Infinity", "config value types", ConfigError,
-                r"layer_norm_epsilon: expected a finite value > 0, got inf", layer_norm_epsilon=float("inf")),
+                r"layer_norm_epsilon: expected a finite value > 0 .*got inf", layer_norm_epsilon=float("inf")),
+    config_case("torch_dtype '' (transformers would getattr(torch, ''))", "config value types", ConfigError,
+                r"torch_dtype: expected null or a torch float dtype name \(.*\), got '' \(str\)",
+                torch_dtype=""),
     config_case("time_step_limit with a string bound", "config value types", ConfigError,
-                r"time_step_limit: expected a pair \[lo, hi\] of numbers, got \[0.0, 'inf'\]",
+                r"time_step_limit: expected a pair \[lo, hi\], each a float .*, got \[0.0, 'inf'\]",
                 time_step_limit=[0.0, "inf"]),
     config_case("time_step_limit with three entries", "config value types", ConfigError,
                 r"time_step_limit: expected a pair", time_step_limit=[0, 1, 2]),
     config_case("time_step_limit NaN bound", "config value types", ConfigError,
                 r"time_step_limit: expected 0 <= lo < hi", time_step_limit=[float("nan"), 1.0]),
     config_case("eos_token_id as a string", "config value types", ConfigError,
-                r"eos_token_id: expected a token id, a list of token ids, or null, got '2'", eos_token_id="2"),
+                r"eos_token_id: expected a token id, a list of token ids, or null, got '2'",
+                eos_token_id="2"),
     config_case("several bad values at once", "config value types", ConfigError,
                 r"hidden_size: .*state_size: .*use_bias: ", hidden_size="64", state_size=None, use_bias=0),
     config_case("mamba_ssm ssm_cfg a list", "config value types", ConfigError,
@@ -371,34 +401,37 @@ CASES: list[Case] = [
     config_case("two unsupported features at once", "unsupported features", UnsupportedFeatureError,
                 r"hidden_act: .*norm_before_gate: ", hidden_act="relu", norm_before_gate=True),
     config_case("mamba_ssm without ssm_cfg.layer (Mamba1)", "unsupported features", UnsupportedFeatureError,
-                r"ssm_cfg.layer: expected 'Mamba2' \(all the port implements\), got 'Mamba1'", fmt="mamba_ssm",
-                ssm_cfg__layer=...),
+                r"ssm_cfg.layer: expected 'Mamba2' \(all the port implements\), got 'Mamba1'",
+                fmt="mamba_ssm", ssm_cfg__layer=...),
     config_case("mamba_ssm d_intermediate (MLP blocks)", "unsupported features", UnsupportedFeatureError,
                 r"d_intermediate: expected 0", fmt="mamba_ssm", d_intermediate=256),
     config_case("mamba_ssm attention layers", "unsupported features", UnsupportedFeatureError,
                 r"attn_layer_idx: expected \[\]", fmt="mamba_ssm", attn_layer_idx=[1]),
     config_case("mamba_ssm partial d_ssm", "unsupported features", UnsupportedFeatureError,
-                r"ssm_cfg.d_ssm: expected null or expand x d_model = 128", fmt="mamba_ssm", ssm_cfg__d_ssm=64),
+                r"ssm_cfg.d_ssm: expected null or expand x d_model = 128", fmt="mamba_ssm",
+                ssm_cfg__d_ssm=64),
     config_case("mamba_ssm unknown ssm_cfg key", "unsupported features", UnsupportedFeatureError,
                 r"may change the numerics: ssm_cfg.dt_scale", fmt="mamba_ssm", ssm_cfg__dt_scale=2.0),
     # -- checkpoint keys, shapes, dtypes, values
     tensors_case("missing, unexpected and misshapen keys together",
                  lambda c, t: (t.pop(_first(t, "0.mixer.D")), t.update(extra=np.zeros(2, np.float32)),
                                _set(t, "0.mixer.dt_bias", np.zeros(9, np.float32))),
-                 CheckpointError, r"expected keys missing \(1\): backbone.layers.0.mixer.D \| unexpected keys "
-                 r"\(1\): extra \| wrong shapes \(1\): backbone.layers.0.mixer.dt_bias: expected \(n_heads=8\), "
-                 r"got \(9,\)"),
+                 CheckpointError, r"expected keys missing \(1\): backbone.layers.0.mixer.D \| "
+                 r"unexpected keys \(1\): extra \| wrong shapes \(1\): backbone.layers.0.mixer.dt_bias: "
+                 r"expected \(n_heads=8\), got \(9,\)"),
     tensors_case("conv weight with the wrong kernel width",
                  lambda c, t: _set(t, "0.mixer.conv1d.weight", np.zeros((192, 1, 3), np.float32)),
                  CheckpointError, r"expected \(conv_dim=192, 1, conv_kernel=4\), got \(192, 1, 3\)"),
-    tensors_case("every tensor of layer 1 missing", lambda c, t: [t.pop(k) for k in list(t) if ".layers.1." in k],
+    tensors_case("every tensor of layer 1 missing",
+                 lambda c, t: [t.pop(k) for k in list(t) if ".layers.1." in k],
                  CheckpointError, r"n_layers: config.json says 2, the checkpoint has layer indices 0..0.*"
                  r"expected keys missing \(9\)"),
     tensors_case("integer tensor (I32 A_log)", lambda c, t: _set(t, "0.mixer.A_log", np.zeros(8, np.int32)),
                  CheckpointError, r"expected floating tensors, got: backbone.layers.0.mixer.A_log: int32"),
     tensors_case("bool tensor (norm weight)", lambda c, t: _set(t, "norm_f.weight", np.ones(64, bool)),
                  CheckpointError, r"expected floating tensors, got: backbone.norm_f.weight: bool"),
-    tensors_case("0-d tensor where a vector belongs", lambda c, t: _set(t, "norm_f.weight", np.float32(1)[()]),
+    tensors_case("0-d tensor where a vector belongs",
+                 lambda c, t: _set(t, "norm_f.weight", np.float32(1)[()]),
                  CheckpointError, r"backbone.norm_f.weight: expected \(d_model=64\), got \(\)"),
     tensors_case("tied head present and different from the embedding",
                  lambda c, t: t.update({"lm_head.weight": np.zeros((96, 64), np.float32)}), CheckpointError,
@@ -441,7 +474,8 @@ CASES: list[Case] = [
                 lambda h: h["backbone.layers.0.mixer.D"].update(
                     data_offsets=h["backbone.layers.0.mixer.A_log"]["data_offsets"]),
                 r"expected its bytes to start at \d+, got \[\d+, \d+\), which overlaps the previous tensor"),
-    header_case("header entry missing data_offsets", lambda h: h["backbone.norm_f.weight"].pop("data_offsets"),
+    header_case("header entry missing data_offsets",
+                lambda h: h["backbone.norm_f.weight"].pop("data_offsets"),
                 r"expected keys dtype, shape, data_offsets"),
     header_case("header __metadata__ not an object", lambda h: h.update(__metadata__=[1]),
                 r"__metadata__: expected an object, got list"),
@@ -453,12 +487,15 @@ CASES: list[Case] = [
                       (tmp / "model.safetensors").mkdir(), load_checkpoint(tmp)),
          CheckpointError, r"model.safetensors: expected a regular file, got a directory"),
     Case("no weights file at all", "safetensors file",
-         lambda tmp: (write_checkpoint(tmp, base_checkpoint()[0], {"a": np.zeros(1, np.float32)}, "weights.npz"),
+         lambda tmp: (write_checkpoint(tmp, base_checkpoint()[0], {"a": np.zeros(1, np.float32)},
+                                       "weights.npz"),
                       load_checkpoint(tmp)),
-         CheckpointError, r"expected one of model.safetensors, model.safetensors.index.json, pytorch_model.bin"),
+         CheckpointError,
+         r"expected one of model.safetensors, model.safetensors.index.json, pytorch_model.bin"),
     # -- sharded index
     index_case("index names a shard that is not there",
-               lambda i: i["weight_map"].update({k: "model-00003-of-00003.safetensors" for k in list(i["weight_map"])[:1]}),
+               lambda i: i["weight_map"].update(
+                   {next(iter(i["weight_map"])): "model-00003-of-00003.safetensors"}),
                r"expected the shards it names in .*, missing: model-00003-of-00003.safetensors"),
     index_case("index shard path with ../", lambda i: i["weight_map"].update(
         {next(iter(i["weight_map"])): "../outside.safetensors"}),
@@ -471,13 +508,15 @@ CASES: list[Case] = [
                r"expected a non-empty 'weight_map' object, got list"),
     index_case("index key listed under the wrong shard", lambda i: i["weight_map"].update(
         {sorted(i["weight_map"])[0]: "model-00002-of-00002.safetensors"}),
-        r"expected in model-00002-of-00002.safetensors \(the index\), got in model-00001-of-00002.safetensors"),
+        r"expected in model-00002-of-00002.safetensors \(the index\), "
+        r"got in model-00001-of-00002.safetensors"),
     index_case("index lists a key no shard holds", lambda i: i["weight_map"].update(
         {"backbone.ghost.weight": "model-00001-of-00002.safetensors"}),
         r"expected every weight_map key in a shard, 1 in none: backbone.ghost.weight"),
     Case("index not JSON", "sharded index",
          lambda tmp: (write_sharded(tmp, *base_checkpoint()),
-                      (tmp / "model.safetensors.index.json").write_text("{weight_map:"), load_checkpoint(tmp)),
+                      (tmp / "model.safetensors.index.json").write_text("{weight_map:"),
+                      load_checkpoint(tmp)),
          CheckpointError, r"expected a valid JSON shard index, got JSONDecodeError"),
     # -- pickle (.bin) checkpoints; the full proof that nothing runs is tests/test_pickle_refused.py
     _pickle_payload_case(),
@@ -505,10 +544,13 @@ CASES: list[Case] = [
     tokens_case("ragged ids", [[1, 2], [3]], ShapeError, r"expected a rectangular \(b, l\) array, got list"),
     tokens_case("mask of the wrong shape", [[1, 2]], ShapeError, r"mask: expected shape \(b, l\) = \(1, 2\)",
                 mask=[[1]]),
-    tokens_case("mask all padding", [[1, 2]], TokenRangeError, r"expected at least one unmasked token per sequence, got none in rows \[0\]",
+    tokens_case("mask all padding", [[1, 2]], TokenRangeError,
+                r"expected at least one unmasked token per sequence, got none in rows \[0\]",
                 mask=[[0, 0]]),
-    tokens_case("mask value 2", [[1, 2]], ShapeError, r"expected only 0 \(padding\) and 1 \(token\) values, got \[2\]", mask=[[1, 2]]),
-    tokens_case("mask of strings", [[1, 2]], ShapeError, r"mask: expected 0/1 numbers or booleans, got dtype <U",
+    tokens_case("mask value 2", [[1, 2]], ShapeError,
+                r"expected only 0 \(padding\) and 1 \(token\) values, got \[2\]", mask=[[1, 2]]),
+    tokens_case("mask of strings", [[1, 2]], ShapeError,
+                r"mask: expected 0/1 numbers or booleans, got dtype <U",
                 mask=[["1", "1"]]),
     # -- paths and arguments
     _path_case("dtype float16", lambda tmp: fixture_dir(BASE), DtypeError,
@@ -522,7 +564,8 @@ CASES: list[Case] = [
     _path_case("checkpoint path is a file", lambda tmp: fixture_dir(BASE) / "config.json", CheckpointError,
                r"expected a directory, got .*config.json \(a file\)"),
     _path_case("checkpoint path ''", lambda tmp: "", CheckpointError, r"expected a directory path, got ''"),
-    _path_case("checkpoint path None", lambda tmp: None, CheckpointError, r"expected a directory path, got None"),
+    _path_case("checkpoint path None", lambda tmp: None, CheckpointError,
+               r"expected a directory path, got None"),
     _path_case("checkpoint path with a NUL byte", lambda tmp: str(tmp) + "\0x", CheckpointError,
                r"expected a directory, got .* \(does not exist\)"),
     _path_case("directory without config.json", lambda tmp: (tmp.mkdir(), tmp)[1], ConfigError,
@@ -536,7 +579,8 @@ def run_case(case: Case, tmp: Path) -> EquivError:
         case.run(tmp)
     except EquivError as e:
         return e
-    raise AssertionError(f"{case.name}: expected {case.error.__name__}, nothing was raised (a silent wrong answer)")
+    raise AssertionError(f"{case.name}: expected {case.error.__name__}, nothing was raised "
+                         "(a silent wrong answer)")
 
 
 def redact(message: str, tmp: Path) -> str:
@@ -548,7 +592,7 @@ def redact(message: str, tmp: Path) -> str:
 def test_bad_input_raises_one_documented_error(case, tmp_path):
     err = run_case(case, tmp_path / "ckpt")
     message = str(err)
-    assert type(err) is case.error, f"{case.name}: expected {case.error.__name__}, got {type(err).__name__}: {message}"
+    assert type(err) is case.error, f"{case.name}: expected {case.error.__name__}, got {err!r}"
     assert re.search(case.match, message), f"{case.name}: message does not match {case.match!r}: {message}"
     assert "\n" not in message and "expected" in message and len(message) < 2000, message
     # raised by equiv's own code, not escaping from inside json/numpy/JAX/torch
@@ -571,7 +615,7 @@ def test_docs_table_is_current():
     """docs/bad-inputs.md lists every case of the catalogue (regenerate with this file's __main__)."""
     doc = DOC.read_text()
     missing = [c.name for c in CASES if f"| {c.name} |" not in doc]
-    assert not missing, f"docs/bad-inputs.md lacks {missing}: run PYTHONPATH=. python tests/test_bad_inputs.py"
+    assert not missing, f"docs/bad-inputs.md lacks {missing}: PYTHONPATH=. python tests/test_bad_inputs.py"
     assert f"{len(CASES)} bad inputs" in doc
 
 

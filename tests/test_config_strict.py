@@ -79,7 +79,7 @@ HARMLESS_VALUES = {
     "time_step_min": 0.01, "time_step_max": 0.2, "time_step_floor": 1e-3, "rescale_prenorm_residual": True,
     "use_cache": False, "_name_or_path": "some/model", "output_attentions": True,
     "layer_types": ["linear_attention", "linear_attention"], "tokenizer_class": "GPTNeoXTokenizer",
-    "emb_layer_norm_before": None, "use_return_dict": True,
+    "emb_layer_norm_before": None,
 }
 
 
@@ -182,7 +182,8 @@ def _mamba_ssm_source() -> Path | None:
 def _defaults_in_source(path: Path, cls: str, method: str | None) -> dict:
     """Default values of a dataclass's fields, or of a method's keyword arguments, read with ast
     (importing mamba_ssm needs its CUDA extension)."""
-    node = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ClassDef) and n.name == cls)
+    node = next(n for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.ClassDef) and n.name == cls)
     if method is None:
         return {s.target.id: ast.literal_eval(s.value) for s in node.body
                 if isinstance(s, ast.AnnAssign) and s.value is not None and not isinstance(s.value, ast.Call)}
@@ -212,12 +213,14 @@ def test_mamba_ssm_default_tables_match_its_source():
 def test_mamba_ssm_config_maps_every_field():
     raw = {"d_model": 64, "n_layer": 3, "vocab_size": 100, "pad_vocab_size_multiple": 16,
            "tie_embeddings": False, "residual_in_fp32": False, "rms_norm": True, "fused_add_norm": False,
-           "ssm_cfg": {"layer": "Mamba2", "d_state": 32, "d_conv": 3, "expand": 2, "headdim": 32, "ngroups": 2,
-                       "chunk_size": 64, "dt_limit": [0.001, 0.5], "bias": True, "conv_bias": False,
-                       "D_has_hdim": True, "dt_min": 0.01, "A_init_range": [1, 8], "use_mem_eff_path": False}}
+           "ssm_cfg": {"layer": "Mamba2", "d_state": 32, "d_conv": 3, "expand": 2, "headdim": 32,
+                       "ngroups": 2, "chunk_size": 64, "dt_limit": [0.001, 0.5], "bias": True,
+                       "conv_bias": False, "D_has_hdim": True, "dt_min": 0.01, "A_init_range": [1, 8],
+                       "use_mem_eff_path": False}}
     cfg = config_from_mamba_ssm(raw)
     assert cfg == Mamba2Config(vocab_size=112, d_model=64, n_layers=3, d_state=32, head_dim=32, n_heads=4,
-                               n_groups=2, expand=2, conv_kernel=3, chunk_size=64, time_step_limit=(0.001, 0.5),
+                               n_groups=2, expand=2, conv_kernel=3, chunk_size=64,
+                               time_step_limit=(0.001, 0.5),
                                use_bias=True, use_conv_bias=False, norm_eps=1e-5, residual_in_fp32=False,
                                tie_embeddings=False, d_has_hdim=True)
 

@@ -22,6 +22,8 @@ from equiv.errors import ConfigError, UnsupportedFeatureError
 
 MAX_SIZE = 2**31 - 1
 """Largest accepted size or id: XLA indexes with int32, and token ids are cast to int32."""
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_TINY = 1.401298464324817e-45  # the smallest float32 above 0 (a subnormal)
 MAX_CONFIG_BYTES = 16 * 2**20
 """A config.json larger than this is not a config (and is not read into memory)."""
 
@@ -98,10 +100,13 @@ class Mamba2Config:
                             f"{self.expand} x {self.d_model} = {self.d_inner}, got {self.n_heads} x "
                             f"{self.head_dim} = {self.n_heads * self.head_dim}")
         lo, hi = self.time_step_limit
-        if not (0.0 <= lo < hi and math.isfinite(lo)):  # NaN fails every comparison
-            problems.append(f"time_step_limit: expected 0 <= lo < hi, lo finite, got {self.time_step_limit}")
-        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
-            problems.append(f"layer_norm_epsilon: expected a finite value > 0, got {self.norm_eps}")
+        # the forward runs in float32 (and bfloat16, same range): a bound beyond it would overflow
+        if not (0.0 <= lo <= FLOAT32_MAX and lo < hi and (hi <= FLOAT32_MAX or hi == math.inf)):
+            problems.append(f"time_step_limit: expected 0 <= lo < hi, lo finite, both within float32 "
+                            f"(hi may be inf), got {self.time_step_limit}")
+        if not FLOAT32_TINY <= self.norm_eps <= FLOAT32_MAX:  # NaN fails too
+            problems.append(f"layer_norm_epsilon: expected a finite value > 0 that float32 holds "
+                            f"(in [{FLOAT32_TINY:.3g}, {FLOAT32_MAX:.4g}]), got {self.norm_eps}")
         for name in ("eos_token_id", "pad_token_id"):
             v = getattr(self, name)
             if v is not None and not (0 <= v < self.vocab_size):
@@ -154,11 +159,12 @@ def _int_problem(name: str, v, lo: int = 1, hi: int = MAX_SIZE) -> str | None:
     return None
 
 
-def _json_float(v) -> float:
-    """A JSON number, or transformers' (>= 5) encoding of a non-finite one: {"__float__": "Infinity"}."""
+def _json_float(v, floats_only: bool = False) -> float:
+    """A JSON number, or transformers' (>= 5) encoding of a non-finite one: {"__float__": "Infinity"}.
+    `floats_only` refuses JSON integers, as transformers' strict `Mamba2Config` does for its floats."""
     if isinstance(v, dict) and set(v) == {"__float__"} and v["__float__"] in ("Infinity", "-Infinity", "NaN"):
         return float(v["__float__"].replace("Infinity", "inf"))
-    if not _is_real(v):
+    if not (isinstance(v, float) if floats_only else _is_real(v)):
         raise TypeError(v)
     return float(v)
 
@@ -166,8 +172,9 @@ def _json_float(v) -> float:
 class _Reader:
     """Reads typed values from one JSON object, collecting every problem (named `prefix + key`)."""
 
-    def __init__(self, raw: dict, prefix: str = ""):
-        self.raw, self.prefix, self.problems = raw, prefix, []
+    def __init__(self, raw: dict, prefix: str = "", floats_only: bool = False):
+        self.raw, self.prefix, self.problems, self.floats_only = raw, prefix, [], floats_only
+        self.number = "a float (transformers refuses integers here)" if floats_only else "a number"
 
     def _bad(self, key, what, v):
         self.problems.append(f"{self.prefix}{key}: expected {what}, got {_show(v)}")
@@ -189,9 +196,9 @@ class _Reader:
     def float(self, key, default):
         v = self.raw.get(key, default)
         try:
-            return _json_float(v)
+            return _json_float(v, self.floats_only)
         except TypeError:
-            self._bad(key, "a number", v)
+            self._bad(key, self.number, v)
             return default
 
     def pair(self, key, default):
@@ -199,22 +206,42 @@ class _Reader:
         try:
             if not isinstance(v, (list, tuple)) or len(v) != 2:
                 raise TypeError(v)
-            return tuple(_json_float(x) for x in v)
+            return tuple(_json_float(x, self.floats_only) for x in v)
         except TypeError:
-            self._bad(key, "a pair [lo, hi] of numbers", v)
+            self._bad(key, f"a pair [lo, hi], each {self.number}", v)
             return default
 
-    def token(self, key, default, vocab):
-        """An id, a list of ids (the first is used), or null. Ids outside the vocabulary never come
-        out of the model, so they are dropped (None) rather than refused: they change no numerics."""
+    def token(self, key, default, vocab, lists=True):
+        """An id, a list of ids (the first is used; only where `lists`), or null. Ids outside the
+        vocabulary never come out of the model, so they are dropped (None) rather than refused."""
         v = self.raw.get(key, default)
-        ids = v if isinstance(v, list) else [v]
+        ids = v if isinstance(v, list) and lists else [v]
         if v is None or ids == []:
             return None
         if any(type(i) is not int for i in ids):
-            self._bad(key, "a token id, a list of token ids, or null", v)
+            self._bad(key, "a token id, a list of token ids, or null" if lists else "a token id or null", v)
             return None
         return ids[0] if type(vocab) is int and 0 <= ids[0] < vocab else None
+
+    def check_types(self, kinds: dict) -> None:
+        """Type-check attributes whose value we ignore but a strict reader (transformers) does not."""
+        for key, kind in kinds.items():
+            if key not in self.raw:
+                continue
+            v = self.raw[key]
+            if kind == "float":
+                self.float(key, None)
+            elif kind == "bool":
+                self.bool(key, None)
+            elif kind == "token":
+                self.token(key, None, None, lists=False)
+            elif kind == "int_or_str" and not (type(v) is int or isinstance(v, str)):
+                self._bad(key, "an integer or a string", v)
+            elif kind == "object" and not (v is None or isinstance(v, dict)):
+                self._bad(key, "an object or null", v)
+            elif kind == "torch_dtype" and not (v is None or isinstance(v, str) and v in _TORCH_FLOAT_NAMES):
+                names = ", ".join(sorted(_TORCH_FLOAT_NAMES))
+                self._bad(key, f"null or a torch float dtype name ({names})", v)
 
     def choice(self, key, default, allowed):
         v = self.raw.get(key, default)
@@ -249,8 +276,17 @@ _HF_HARMLESS = {
     "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
     "problem_type", "bos_token_id", "initializer_range", "time_step_rank", "time_step_min",
     "time_step_max", "time_step_floor", "rescale_prenorm_residual", "use_cache", "_name_or_path",
-    "output_attentions", "layer_types", "tokenizer_class", "emb_layer_norm_before", "use_return_dict",
+    "output_attentions", "layer_types", "tokenizer_class", "emb_layer_norm_before",
 }
+# ... of which transformers' strict Mamba2Config still type-checks these (a config.json it cannot
+# load must fail here, with a message, rather than later inside the reference)
+_HF_HARMLESS_TYPES = {
+    "initializer_range": "float", "time_step_min": "float", "time_step_max": "float",
+    "time_step_floor": "float", "rescale_prenorm_residual": "bool", "use_cache": "bool",
+    "bos_token_id": "token", "time_step_rank": "int_or_str", "id2label": "object", "label2id": "object",
+    "dtype": "torch_dtype", "torch_dtype": "torch_dtype",  # PreTrainedConfig does getattr(torch, dtype)
+}
+_TORCH_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "half", "float", "double"}
 _HF_LAYER_TYPES = ("mamba", "linear_attention")  # transformers 5 reports Mamba-2 blocks as linear_attention
 
 
@@ -278,7 +314,8 @@ def config_from_transformers(raw: dict) -> Mamba2Config:
     if unsupported:
         raise UnsupportedFeatureError("transformers config.json: not supported by this port: "
                                       + "; ".join(unsupported))
-    r = _Reader(raw)
+    r = _Reader(raw, floats_only=True)
+    r.check_types(_HF_HARMLESS_TYPES)
     kw = {ours: r.int(theirs, default) for theirs, (ours, default) in _HF_MAPPED.items()
           if ours in _INT_FIELDS}
     kw |= {ours: r.bool(theirs, default) for theirs, (ours, default) in _HF_MAPPED.items()
@@ -286,7 +323,7 @@ def config_from_transformers(raw: dict) -> Mamba2Config:
     kw["norm_eps"] = r.float("layer_norm_epsilon", 1e-5)
     kw["time_step_limit"] = r.pair("time_step_limit", (0.0, float("inf")))
     kw["eos_token_id"] = r.token("eos_token_id", 2, kw["vocab_size"])
-    kw["pad_token_id"] = r.token("pad_token_id", 1, kw["vocab_size"])
+    kw["pad_token_id"] = r.token("pad_token_id", 1, kw["vocab_size"], lists=False)
     if isinstance(layer_types, list) and len(layer_types) != kw["n_layers"]:
         r.problems.append(f"layer_types: expected num_hidden_layers={kw['n_layers']} entries, "
                           f"got {len(layer_types)}")
