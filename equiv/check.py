@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from equiv.decode import DecodeResult, match_greedy
-from equiv.errors import ReportWriteError
+from equiv.errors import EquivError, ReportWriteError
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.report import summary_line, write_reports
 
@@ -97,7 +97,18 @@ class FixtureOutcome:
 
 
 def check_fixture(name: str, path: Path, port, load_ref, progress=print) -> FixtureOutcome:
-    """Layer-wise diff in both modes and the decode match for one fixture."""
+    """Layer-wise diff in both modes and the decode match for one fixture. A bad input (an
+    EquivError: corrupt checkpoint, missing recording...) is recorded on the outcome, so the other
+    fixtures still run and the report says what was wrong."""
+    t0 = time.perf_counter()
+    try:
+        return _check_fixture(name, path, port, load_ref, progress)
+    except EquivError as e:
+        progress(f"[{name}] error: {e}")
+        return FixtureOutcome(name, error=str(e), seconds=time.perf_counter() - t0)
+
+
+def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOutcome:
     out = FixtureOutcome(name)
     t0 = time.perf_counter()
     model = port.load(path)
@@ -136,7 +147,8 @@ def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
              "-" * 72]
     for o in outcomes:
         if o.error:
-            lines.append(f"{o.name:<20} {'error: ' + o.error[:40]:<41} error")
+            lines.append(f"{o.name:<20} {'(not checked)':<41} ERROR")
+            lines.append(f"  {o.error}"[:200])
             continue
         lw = " / ".join(f"{r.counts['pass']}/{r.counts['total']}" for r in o.layerwise.values())
         matched = sum(sum(d.matched_steps) for d in o.decode)
@@ -247,4 +259,6 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
     print(summary_table(outcomes, ssd_result))
     verdict = overall_verdict(outcomes, ssd_result)
     print(f"\nverdict: {verdict.upper()}  ({timings['total_s']:.0f} s; reports in {out_dir}/)")
+    if any(o.error for o in outcomes):
+        return 2  # an input could not be checked at all: a usage/input error, not a verdict
     return 0 if verdict == "equivalent" else 1
