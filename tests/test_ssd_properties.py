@@ -123,7 +123,8 @@ def test_linearity_in_x(inst, k, coef):
 def test_causality_bit_exact(inst, data):
     """Changing the inputs at t and later (x, dt, B, C, z) leaves y[:, :t] bit for bit unchanged,
     in every form: masked positions contribute exact zeros, and the same executable reduces the
-    same values in the same order."""
+    same values in the same order. Finite changes only: a NaN/inf at t reaches the earlier positions
+    of its chunk through 0 * NaN in the intra-chunk contraction (transformers' chunk scan too)."""
     kw, q = inst.kwargs(), inst.chunk_size
     t = data.draw(st.integers(1, inst.bucket.l - 1), label="t")
     rng = np.random.default_rng(inst.regime.seed + 7)
