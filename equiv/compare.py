@@ -39,6 +39,13 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
     ("bfloat16", "error_budget"): Tolerance(
         4.0, "bf16 matmul accumulation order differs between XLA and torch kernels; 4x the "
         "reference's own bf16 error still separates rounding from a defect (which is O(1))"),
+    ("float32", "error_budget_accumulated"): Tolerance(
+        3.0, "accumulated mode: each tap also carries upstream differences, which an op like the SSD "
+        "amplifies very unevenly (dt enters through exp), so two equally accurate implementations "
+        "differ more there. Measured on the correct port: up to 2.16x at trained-bytes "
+        "layers.3.mixer.ssm (isolated: <= 0.35x), 1.60x on tiny-gh; the smallest planted defect, "
+        "the cumsum-difference segment sum, measures 11.2x. Isolated mode keeps 2.0"),
+    ("bfloat16", "error_budget_accumulated"): Tolerance(6.0, "as for float32, scaled like the bf16 budget"),
     ("float32", "max_error_guard"): Tolerance(
         8.0, "guards the max |error| ratio against a localised defect the RMS hides; 8x sits well above "
         "the max-ratio noise measured between correct float32 implementations (<= 2.52)"),

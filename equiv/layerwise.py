@@ -196,8 +196,8 @@ def _validate(mode: str, dtype: str, budget) -> float:
         raise EquivError(f"mode: expected one of {list(MODES)}, got {mode!r}")
     if dtype not in DTYPES:
         raise EquivError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    if budget is None:
-        return tolerance(dtype).budget
+    if budget is None:  # accumulated taps inherit amplified upstream differences: own table entry
+        return tolerance(dtype, "error_budget_accumulated" if mode == "accumulated" else "error_budget").budget
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not (0 < budget < math.inf):
         raise EquivError(f"budget: expected a finite number > 0, got {budget!r}")
     return float(budget)

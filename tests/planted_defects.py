@@ -383,7 +383,8 @@ def numpy_forward_fp64(cfg, params, ids) -> np.ndarray:
     hidden = P["embed"][ids]  # b l d
     b, l, _ = hidden.shape
     for lp in P["layers"]:
-        zxbcdt = rms(hidden, lp["norm"]) @ lp["in_proj"] + lp.get("in_proj_bias", 0.0)
+        dense = lambda w: np.concatenate(w) if isinstance(w, tuple) else w  # noqa: E731 - K-blocks
+        zxbcdt = rms(hidden, lp["norm"]) @ dense(lp["in_proj"]) + lp.get("in_proj_bias", 0.0)
         z, xbc, dt = zxbcdt[..., :e], zxbcdt[..., e:e + cfg.conv_dim], zxbcdt[..., e + cfg.conv_dim:]
         window = np.concatenate([np.zeros((b, cfg.conv_kernel - 1, cfg.conv_dim)), xbc], axis=1)
         conv = silu(sum(window[:, j:j + l] * lp["conv_w"][j] for j in range(cfg.conv_kernel))
@@ -403,7 +404,7 @@ def numpy_forward_fp64(cfg, params, ids) -> np.ndarray:
             ys.append(np.einsum("bhpn,bhn->bhp", state, Ch[:, t]) + D * x[:, t])
         y = (np.stack(ys, 1) * silu(z).reshape(b, l, h, p)).reshape(b, l, g, e // g)
         gated = (y / np.sqrt(np.mean(y * y, -1, keepdims=True) + cfg.norm_eps)).reshape(b, l, e) * lp["gnorm"]
-        hidden = hidden + gated @ lp["out_proj"] + lp.get("out_proj_bias", 0.0)
+        hidden = hidden + gated @ dense(lp["out_proj"]) + lp.get("out_proj_bias", 0.0)
     normed = rms(hidden, P["norm_f"])
     return normed @ P["embed"].T if cfg.tie_embeddings else normed @ P["lm_head"]
 

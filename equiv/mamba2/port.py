@@ -122,6 +122,13 @@ class Mamba2Model:
         return GenerateResult(np.asarray(tokens)[:, :steps], np.asarray(margins)[:, :steps], steps)
 
 
+def with_split_projections(params: dict) -> dict:
+    """in_proj / out_proj as K-block tuples (equiv.mamba2.model.linear says why)."""
+    split = {"in_proj", "out_proj"}
+    layers = [{k: m.split_k(v) if k in split else v for k, v in lp.items()} for lp in params["layers"]]
+    return params | {"layers": layers}
+
+
 class Mamba2Port:
     """Registry name "builtin"."""
 
@@ -132,4 +139,5 @@ class Mamba2Port:
 
     def load(self, checkpoint_dir: str | Path, dtype: str = "float32") -> Mamba2Model:
         cfg, params, fmt = load_checkpoint(checkpoint_dir, dtype)
+        params = with_split_projections(params)
         return Mamba2Model(cfg, params, dtype, str(checkpoint_dir), fmt, self.precision)
