@@ -301,7 +301,8 @@ def round_to_tf32(x):
 
 def linear_tf32(x, w, b=None):
     """Row 11: float32 matmuls run as TF32 (both operands rounded, float32 accumulation)."""
-    return _linear(round_to_tf32(x), round_to_tf32(w), b)
+    w = tuple(round_to_tf32(blk) for blk in w) if isinstance(w, (tuple, list)) else round_to_tf32(w)
+    return _linear(round_to_tf32(x), w, b)
 
 
 def ssd_args_without_softplus(cfg, lp):
