@@ -78,7 +78,7 @@ HARMLESS_VALUES = {
     "problem_type": None, "bos_token_id": 0, "initializer_range": 0.02, "time_step_rank": 256,
     "time_step_min": 0.01, "time_step_max": 0.2, "time_step_floor": 1e-3, "rescale_prenorm_residual": True,
     "use_cache": False, "_name_or_path": "some/model", "output_attentions": True,
-    "layer_types": ["linear_attention", "linear_attention"], "tokenizer_class": "GPTNeoXTokenizer",
+    "tokenizer_class": "GPTNeoXTokenizer",
     "emb_layer_norm_before": None,
 }
 
@@ -105,9 +105,12 @@ def test_required_values_are_compared_with_their_type(key, value):
         config_from_transformers(base_config() | {key: value})
 
 
-def test_layer_types_must_match_the_layer_count():
-    with pytest.raises(ConfigError, match=r"layer_types: expected num_hidden_layers=2 entries, got 3"):
-        config_from_transformers(base_config() | {"layer_types": ["mamba"] * 3})
+def test_layer_types_is_refused_like_transformers_refuses_it():
+    """transformers 5 derives Mamba2Config.layer_types (a read-only property) and cannot load a
+    config.json that sets it; hybrid configs use it to place attention layers. Refused by name."""
+    for layer_types in (["mamba", "mamba"], ["mamba", "attention"]):
+        with pytest.raises(UnsupportedFeatureError, match=r"may change the numerics: layer_types$"):
+            config_from_transformers(base_config() | {"layer_types": layer_types})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -276,7 +276,7 @@ _HF_HARMLESS = {
     "torch_dtype", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id",
     "problem_type", "bos_token_id", "initializer_range", "time_step_rank", "time_step_min",
     "time_step_max", "time_step_floor", "rescale_prenorm_residual", "use_cache", "_name_or_path",
-    "output_attentions", "layer_types", "tokenizer_class", "emb_layer_norm_before",
+    "output_attentions", "tokenizer_class", "emb_layer_norm_before",
 }
 # ... of which transformers' strict Mamba2Config still type-checks these (a config.json it cannot
 # load must fail here, with a message, rather than later inside the reference)
@@ -287,7 +287,6 @@ _HF_HARMLESS_TYPES = {
     "dtype": "torch_dtype", "torch_dtype": "torch_dtype",  # PreTrainedConfig does getattr(torch, dtype)
 }
 _TORCH_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "half", "float", "double"}
-_HF_LAYER_TYPES = ("mamba", "linear_attention")  # transformers 5 reports Mamba-2 blocks as linear_attention
 
 
 _UNKNOWN = ("expected only attributes the port maps or knows to be harmless, got unrecognised ones that "
@@ -306,11 +305,6 @@ def config_from_transformers(raw: dict) -> Mamba2Config:
     unknown = _unknown(raw, set(_HF_MAPPED) | set(_HF_REQUIRED) | _HF_HARMLESS)
     if unknown:
         unsupported.append(_UNKNOWN + ", ".join(unknown))
-    layer_types = raw.get("layer_types")
-    if layer_types is not None and not (isinstance(layer_types, list)
-                                        and all(t in _HF_LAYER_TYPES for t in layer_types)):
-        unsupported.append(f"layer_types: expected only Mamba-2 blocks ({' or '.join(_HF_LAYER_TYPES)}), "
-                           f"got {_show(layer_types)}")
     if unsupported:
         raise UnsupportedFeatureError("transformers config.json: not supported by this port: "
                                       + "; ".join(unsupported))
@@ -324,9 +318,6 @@ def config_from_transformers(raw: dict) -> Mamba2Config:
     kw["time_step_limit"] = r.pair("time_step_limit", (0.0, float("inf")))
     kw["eos_token_id"] = r.token("eos_token_id", 2, kw["vocab_size"])
     kw["pad_token_id"] = r.token("pad_token_id", 1, kw["vocab_size"], lists=False)
-    if isinstance(layer_types, list) and len(layer_types) != kw["n_layers"]:
-        r.problems.append(f"layer_types: expected num_hidden_layers={kw['n_layers']} entries, "
-                          f"got {len(layer_types)}")
     if r.problems:
         raise ConfigError("transformers config.json: " + "; ".join(r.problems))
     return Mamba2Config(**kw)
