@@ -52,7 +52,7 @@ def equivalence(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """The test suite (pytest + hypothesis, ci profile), fanned out over the machine's cores."""
-    install_project(session, "reference", "test", "report")
+    install_project(session, "reference", "test", "report", "mamba2-jax")
     install_mamba_ssm(session)
     workers = os.environ.get("SSM_EQUIV_WORKERS", "2")
     session.run("pytest", "-n", workers, *session.posargs)
