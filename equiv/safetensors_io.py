@@ -36,6 +36,7 @@ DTYPES = {
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+MAX_NDIM = 64  # numpy's
 
 
 class _Corrupt(Exception):
@@ -71,6 +72,8 @@ def _tensor_specs(header, data_len: int) -> list[tuple[str, np.dtype, tuple, int
             raise _Corrupt(f"tensor {name!r}: expected a dtype in {sorted(DTYPES)}, got {dtype!r}"[:300])
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
             raise _Corrupt(f"tensor {name!r}: expected a shape of non-negative ints, got {shape!r}"[:300])
+        if len(shape) > MAX_NDIM:  # also keeps math.prod below from multiplying millions of big ints
+            raise _Corrupt(f"tensor {name!r}: expected at most {MAX_NDIM} dimensions, got {len(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise _Corrupt(f"tensor {name!r}: expected data_offsets [begin, end], got {offsets!r}"[:300])
         begin, end = offsets
@@ -126,7 +129,11 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 raise bad(f"expected a JSON header, got {type(e).__name__}: {str(e)[:200]}") from None
             out = {}
             for name, dtype, shape, begin, _ in specs:
-                arr = np.empty(shape, dtype)
+                try:  # numpy refuses e.g. (0, 2**62): empty, yet "too big"; or there is no memory left
+                    arr = np.empty(shape, dtype)
+                except (ValueError, MemoryError) as e:
+                    raise bad(f"tensor {name!r}: expected a shape numpy can allocate, got {list(shape)} "
+                              f"({type(e).__name__}: {e})") from None
                 f.seek(8 + n + begin)
                 got = f.readinto(arr.reshape(-1).view(np.uint8))
                 if got != arr.nbytes:  # the file shrank under us

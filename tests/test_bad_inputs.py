@@ -463,6 +463,13 @@ CASES: list[Case] = [
                r"expected the tensors to fill the .*-byte data section, they end at byte"),
     header_case("header claims a 2**40 x 2**40 tensor", _header_set("norm_f.weight", "shape", [2**40, 2**40]),
                 r"expected 4835703278458516698824704 bytes for shape \[1099511627776, 1099511627776\]"),
+    header_case("header shape (0, 2**62): empty, yet too big for numpy",  # at the end: no gap, no overlap
+                lambda h: h.update({"empty": {"dtype": "F32", "shape": [0, 2**62], "data_offsets": [
+                    max(v["data_offsets"][1] for v in h.values())] * 2}}),
+                r"tensor 'empty': expected a shape numpy can allocate, got \[0, 4611686018427387904\] "
+                r"\(ValueError: array is too big"),
+    header_case("header shape with 100000 dimensions", _header_set("norm_f.weight", "shape", [1] * 100000),
+                r"expected at most 64 dimensions, got 100000"),
     header_case("header dtype F8_E4M3", _header_set("norm_f.weight", "dtype", "F8_E4M3"),
                 r"expected a dtype in \[.*\], got 'F8_E4M3'"),
     header_case("header dtype a list", _header_set("norm_f.weight", "dtype", ["F32"]),
@@ -610,6 +617,26 @@ def test_gigantic_header_shape_allocates_nothing(tmp_path):
     t0 = time.perf_counter()
     err = run_case(case, tmp_path / "ckpt")
     assert isinstance(err, CheckpointError) and time.perf_counter() - t0 < 5
+
+
+def test_out_of_memory_is_a_checkpoint_error(tmp_path, monkeypatch):
+    """A checkpoint too big for this machine: host MemoryError while reading or converting, named
+    with the bytes needed (simulated: the allocation functions raise)."""
+    import equiv.mamba2.convert as convert
+    import equiv.safetensors_io as io
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    with monkeypatch.context() as m:
+        m.setattr(convert, "_to_params", no_memory)
+        with pytest.raises(CheckpointError, match=r"expected room for \d+ bytes of float32 weights, "
+                                                  r"allocation failed \(MemoryError\)"):
+            load_checkpoint(fixture_dir(BASE))
+    with monkeypatch.context() as m:
+        m.setattr(io.np, "empty", no_memory)
+        with pytest.raises(CheckpointError, match=r"expected a shape numpy can allocate, got \[\d+"):
+            load_checkpoint(fixture_dir(BASE))
 
 
 def test_docs_table_is_current():

@@ -25,6 +25,7 @@ import re
 import warnings
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -275,7 +276,14 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
     if problems:
         raise CheckpointError(f"{fmt} checkpoint: expected the tensors its config.json implies, got: "
                               + " | ".join(hints + problems))
-    return _to_params(cfg, wanted, tensors, np_dtype, fmt)
+    try:
+        return _to_params(cfg, wanted, tensors, np_dtype, fmt)
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:  # a checkpoint too big for this machine
+        if isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = sum(tensors[k].size for k in wanted) * np.dtype(np_dtype).itemsize
+        raise CheckpointError(f"{fmt} checkpoint: expected room for {need} bytes of {dtype} weights, "
+                              f"allocation failed ({type(e).__name__})") from None
 
 
 def _to_params(cfg: Mamba2Config, wanted: dict, tensors: dict, np_dtype, fmt: str) -> dict:
