@@ -327,6 +327,7 @@ def test_corrupted_safetensors_bytes_load_or_raise_equiv_error(bases, data):
 @example(edit=("transformers", [("dtype", "")]))
 @example(edit=("transformers", [("initializer_range", "abc")]))
 @example(edit=("transformers", [("layer_norm_epsilon", 1)]))
+@example(edit=("transformers", [("id2label", {"__float__": "Infinity"})]))
 def test_edited_config_loads_or_raises_equiv_error(bases, edit):
     fmt, edits = edit
     config, _, base_file = bases[fmt]

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,17 @@ def _json_float(v, floats_only: bool = False) -> float:
     return float(v)
 
 
+def _is_label_map(v, keys_int: bool) -> bool:
+    """transformers' id2label (int-like keys, str values) or label2id (values all int or all str).
+    {"__float__": ...} is no map: transformers decodes it to a float."""
+    if not isinstance(v, dict) or set(v) == {"__float__"}:
+        return False
+    if keys_int:
+        return (all(re.fullmatch(r"\s*[-+]?\d+\s*", k) for k in v)
+                and all(isinstance(x, str) for x in v.values()))
+    return all(type(x) is int for x in v.values()) or all(isinstance(x, str) for x in v.values())
+
+
 class _Reader:
     """Reads typed values from one JSON object, collecting every problem (named `prefix + key`)."""
 
@@ -237,8 +249,10 @@ class _Reader:
                 self.token(key, None, None, lists=False)
             elif kind == "int_or_str" and not (type(v) is int or isinstance(v, str)):
                 self._bad(key, "an integer or a string", v)
-            elif kind == "object" and not (v is None or isinstance(v, dict)):
-                self._bad(key, "an object or null", v)
+            elif kind == "id2label" and not (v is None or _is_label_map(v, keys_int=True)):
+                self._bad(key, 'null or an object {"0": "label", ...}', v)
+            elif kind == "label2id" and not (v is None or _is_label_map(v, keys_int=False)):
+                self._bad(key, 'null or an object {"label": 0, ...} (ids all ints or all strings)', v)
             elif kind == "torch_dtype" and not (v is None or isinstance(v, str) and v in _TORCH_FLOAT_NAMES):
                 names = ", ".join(sorted(_TORCH_FLOAT_NAMES))
                 self._bad(key, f"null or a torch float dtype name ({names})", v)
@@ -283,7 +297,7 @@ _HF_HARMLESS = {
 _HF_HARMLESS_TYPES = {
     "initializer_range": "float", "time_step_min": "float", "time_step_max": "float",
     "time_step_floor": "float", "rescale_prenorm_residual": "bool", "use_cache": "bool",
-    "bos_token_id": "token", "time_step_rank": "int_or_str", "id2label": "object", "label2id": "object",
+    "bos_token_id": "token", "time_step_rank": "int_or_str", "id2label": "id2label", "label2id": "label2id",
     "dtype": "torch_dtype", "torch_dtype": "torch_dtype",  # PreTrainedConfig does getattr(torch, dtype)
 }
 _TORCH_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "half", "float", "double"}
