@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import equiv
+from equiv.errors import EquivError
 from equiv.inputs import check_tokens
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
@@ -102,7 +103,7 @@ class Mamba2Model:
     def step_logits(self, ids, mask, prompt_len: int) -> np.ndarray:
         ids, mask = self._check(ids, mask)
         if not 1 <= prompt_len <= ids.shape[1]:
-            raise ValueError(f"prompt_len: expected 1 <= prompt_len <= l={ids.shape[1]}, got {prompt_len}")
+            raise EquivError(f"prompt_len: expected 1 <= prompt_len <= l={ids.shape[1]}, got {prompt_len}")
         with jax.default_matmul_precision(self.precision):
             logits, cache = prefill(self.params, self.cfg, ids[:, :prompt_len],
                                     None if mask is None else mask[:, :prompt_len])
@@ -115,7 +116,7 @@ class Mamba2Model:
     def generate(self, prompt, mask=None, max_new_tokens=32, eos_id=None) -> GenerateResult:
         prompt, mask = self._check(prompt, mask, )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
+            raise EquivError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         with jax.default_matmul_precision(self.precision):
             tokens, margins, steps, _ = generate(self.params, self.cfg, prompt, mask, max_new_tokens, eos_id)
         steps = int(steps)
