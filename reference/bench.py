@@ -134,8 +134,8 @@ def transformers_contenders(ckpt: Path, prefill_ids, prompt):
     model = mm.Mamba2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     model.generation_config.pad_token_id = model.config.pad_token_id
     recorder = DispatchRecorder(mm)
-    ids_t = torch.as_tensor(np.asarray(prefill_ids), dtype=torch.long)
-    prompt_t = torch.as_tensor(np.asarray(prompt), dtype=torch.long)
+    ids_t = torch.as_tensor(np.array(prefill_ids), dtype=torch.long)
+    prompt_t = torch.as_tensor(np.array(prompt), dtype=torch.long)
     ones = torch.ones_like(prompt_t)
 
     def recorded(fn):

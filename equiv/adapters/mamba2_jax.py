@@ -153,8 +153,13 @@ def _prefill(model, ids):
 
 
 def _top2_margin(logits):
-    top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
-    return top[..., 0] - top[..., 1]
+    """Top-1 minus top-2 logit, as lax.top_k(., 2) gives it (0 on a tie) but without top_k: XLA:CPU
+    sorts for it, 10.7 ms on a 50280-vocabulary row against 0.4 ms for two max passes."""
+    lf = logits.astype(jnp.float32)
+    first = jnp.argmax(lf, axis=-1)
+    index = jax.lax.broadcasted_iota(jnp.int32, lf.shape, lf.ndim - 1)  # b v
+    masked = jnp.where(index == first[..., None], -jnp.inf, lf)
+    return jnp.max(lf, axis=-1) - jnp.max(masked, axis=-1)
 
 
 class Mamba2JaxModel:
