@@ -30,8 +30,11 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from equiv.errors import EquivError
-from equiv.mamba2 import config as C
-from equiv.mamba2.config import config_from_mamba_ssm, config_from_transformers, load_config
+from equiv.mamba2 import config_mamba_ssm as MS
+from equiv.mamba2 import config_transformers as HF
+from equiv.mamba2.config_file import load_config
+from equiv.mamba2.config_mamba_ssm import config_from_mamba_ssm
+from equiv.mamba2.config_transformers import config_from_transformers
 from equiv.mamba2.convert import expected_shapes
 from equiv.mamba2.port import Mamba2Port
 from equiv.safetensors_io import write_safetensors
@@ -112,8 +115,8 @@ WEIRD_JSON = st.one_of(
     st.sampled_from([{"__float__": "Infinity"}, {"__float__": "NaN"}, {"__float__": "oops"}, [], {}]),
 )
 UNKNOWN_KEYS = ["rope_theta", "num_attention_heads", "D_has_hdim", "ssm_cfg"]
-TRANSFORMERS_KEYS = sorted(set(C._HF_MAPPED) | set(C._HF_REQUIRED) | C._HF_HARMLESS) + UNKNOWN_KEYS
-MAMBA_SSM_KEYS = (sorted(C._MS_TOP) + [f"ssm_cfg.{k}" for k in sorted(C._MS_SSM)]
+TRANSFORMERS_KEYS = sorted(set(HF._HF_MAPPED) | set(HF._HF_REQUIRED) | HF._HF_HARMLESS) + UNKNOWN_KEYS
+MAMBA_SSM_KEYS = (sorted(MS._MS_TOP) + [f"ssm_cfg.{k}" for k in sorted(MS._MS_SSM)]
                   + ["ssm_cfg.dt_scale", "n_groups"])
 
 

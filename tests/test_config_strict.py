@@ -18,13 +18,17 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from equiv.errors import ConfigError, UnsupportedFeatureError
-from equiv.mamba2 import config as C
-from equiv.mamba2.config import Mamba2Config, config_from_mamba_ssm, config_from_transformers, load_config
+from equiv.mamba2 import config_mamba_ssm as MS
+from equiv.mamba2 import config_transformers as HF
+from equiv.mamba2.config import Mamba2Config
+from equiv.mamba2.config_file import load_config
+from equiv.mamba2.config_mamba_ssm import config_from_mamba_ssm
+from equiv.mamba2.config_transformers import config_from_transformers
 from equiv.mamba2.convert import load_checkpoint
 from tests.test_bad_inputs import base_checkpoint, mamba_ssm_format, write_checkpoint
 
 # our field -> transformers attribute, for every mapped attribute
-HF_NAME = {ours: theirs for theirs, (ours, _) in C._HF_MAPPED.items()}
+HF_NAME = {ours: theirs for theirs, (ours, _) in HF._HF_MAPPED.items()}
 
 
 def base_config() -> dict:
@@ -84,10 +88,10 @@ HARMLESS_VALUES = {
 
 
 def test_harmless_value_table_covers_the_allow_list():
-    assert set(HARMLESS_VALUES) == C._HF_HARMLESS
+    assert set(HARMLESS_VALUES) == HF._HF_HARMLESS
 
 
-@pytest.mark.parametrize("key", sorted(C._HF_HARMLESS))
+@pytest.mark.parametrize("key", sorted(HF._HF_HARMLESS))
 def test_allow_listed_attribute_is_accepted_and_changes_nothing(key):
     assert config_from_transformers(base_config() | {key: HARMLESS_VALUES[key]}) == \
         config_from_transformers(base_config())
@@ -128,12 +132,12 @@ def test_missing_keys_take_transformers_class_defaults():
 def test_default_table_matches_the_installed_transformers():
     transformers = pytest.importorskip("transformers")
     defaults = transformers.Mamba2Config()
-    for theirs, (_, default) in C._HF_MAPPED.items():
+    for theirs, (_, default) in HF._HF_MAPPED.items():
         got = getattr(defaults, theirs)
         assert (tuple(got) if theirs == "time_step_limit" else got) == default, theirs
 
 
-@given(st.sets(st.sampled_from(sorted(C._HF_MAPPED))))
+@given(st.sets(st.sampled_from(sorted(HF._HF_MAPPED))))
 def test_dropping_keys_agrees_with_transformers(dropped):
     """Drop any subset of mapped keys from a real config.json: if transformers rejects the result,
     so do we; if we accept it, transformers does too and reads every mapped attribute as we do.
@@ -206,11 +210,11 @@ def test_mamba_ssm_default_tables_match_its_source():
     if root is None:
         pytest.skip("mamba_ssm is not installed")
     top = _defaults_in_source(root / "models" / "config_mamba.py", "MambaConfig", None)
-    assert {k: top[k] for k in C._MS_TOP_DEFAULTS} == C._MS_TOP_DEFAULTS
+    assert {k: top[k] for k in MS._MS_TOP_DEFAULTS} == MS._MS_TOP_DEFAULTS
     ssm = _defaults_in_source(root / "modules" / "mamba2.py", "Mamba2", "__init__")
-    assert {k: ssm[k] for k in C._MS_SSM_DEFAULTS} == C._MS_SSM_DEFAULTS
+    assert {k: ssm[k] for k in MS._MS_SSM_DEFAULTS} == MS._MS_SSM_DEFAULTS
     # every constructor argument is either handled, allow-listed, or absent from JSON by nature
-    assert set(ssm) - C._MS_SSM <= {"layer_idx", "device", "dtype"}
+    assert set(ssm) - MS._MS_SSM <= {"layer_idx", "device", "dtype"}
 
 
 def test_mamba_ssm_config_maps_every_field():

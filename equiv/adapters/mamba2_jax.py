@@ -34,7 +34,8 @@ import numpy as np
 
 from equiv.errors import CheckpointError, ConfigError, EquivError
 from equiv.inputs import check_tokens
-from equiv.mamba2.config import Mamba2Config, load_config
+from equiv.mamba2.config import Mamba2Config
+from equiv.mamba2.config_file import load_config
 from equiv.mamba2.convert import map_tensors, read_tensors
 from equiv.ports import GenerateResult, PortError, PortInfo, TapUnavailable
 

@@ -31,7 +31,9 @@ import ml_dtypes
 import numpy as np
 
 from equiv.errors import CheckpointError, ConfigError, DtypeError, UnsafeCheckpointError
-from equiv.mamba2.config import Mamba2Config, load_config, read_json_object
+from equiv.mamba2.config import Mamba2Config
+from equiv.mamba2.config_file import load_config
+from equiv.mamba2.config_json import read_json_object
 from equiv.safetensors_io import read_safetensors
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
