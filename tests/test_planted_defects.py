@@ -4,7 +4,7 @@ planted defect that is harmless on a fixture (tiled B/C with g = 1 or g = h) is 
 The correct port's side of each check is tests/test_no_false_alarms.py (and tests/test_port.py).
 
 Variants run through the port's own code paths with each sub-op jitted separately (see
-tests/planted_defects.py: one whole-forward compile per variant would cost minutes); the first test
+tests/planting.py: one whole-forward compile per variant would cost minutes); the first test
 checks that path against the port's jitted forward. Each test prints one `PLANTED` line: defect,
 fixture, where it was flagged, measured RMS ratio (run with -s to see the table)."""
 
@@ -17,14 +17,12 @@ from equiv.compare import compare_tap
 from equiv.fixtures import fixture_dir
 from equiv.layerwise import format_ratio, run_layerwise
 from equiv.mamba2.port import Mamba2Port
-from tests.planted_defects import (
-    DEFECTS,
-    decay_from_chunk_start,
+from tests.planted_checkpoints import (
     numpy_forward_fp64,
-    plant,
     write_d_hdim_checkpoint,
     write_strong_decay_checkpoint,
 )
+from tests.planted_defects import DEFECTS, decay_from_chunk_start, plant
 
 CHUNK = 16
 

@@ -1,0 +1,45 @@
+"""Planted numerics defects: a cancelling segsum (row 10) and TF32 matmuls (row 11); the math is
+right, the float32 rounding is not."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from equiv import ssd
+from equiv.mamba2 import model as m
+from tests.planting import Defect
+
+f32 = jnp.float32
+
+_linear = m.linear  # the correct function, captured at import
+
+
+def segsum_cumsum_difference(a, block=16):
+    """Row 10: mamba2-jax 1.1.2's segsum, cs[i] - cs[j]: cancels when the cumulative decay is large."""
+    cs = jnp.cumsum(a, axis=-1)
+    q = a.shape[-1]
+    grid = (*a.shape, q)
+    diff = jnp.broadcast_to(cs[..., :, None], grid) - jnp.broadcast_to(cs[..., None, :], grid)
+    return jnp.where(jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool)), grid), diff, -jnp.inf)
+
+
+def round_to_tf32(x):
+    """Round float32 to TF32 (10 explicit mantissa bits), nearest-even, as a GPU tensor core does."""
+    u = jax.lax.bitcast_convert_type(x.astype(f32), jnp.uint32)
+    lsb = (u >> 13) & jnp.uint32(1)
+    u = (u + jnp.uint32(0xFFF) + lsb) & jnp.uint32(0xFFFFE000)
+    return jax.lax.bitcast_convert_type(u, f32)
+
+
+def linear_tf32(x, w, b=None):
+    """Row 11: float32 matmuls run as TF32 (both operands rounded, float32 accumulation)."""
+    w = tuple(round_to_tf32(blk) for blk in w) if isinstance(w, (tuple, list)) else round_to_tf32(w)
+    return _linear(round_to_tf32(x), w, b)
+
+
+NUMERICS_DEFECTS = (
+    Defect("segsum_cumsum_difference", "10", ((ssd, "segsum", segsum_cumsum_difference),),
+           "segsum as a difference of cumulative sums"),
+    Defect("tf32_matmuls", "11", ((m, "linear", linear_tf32),), "float32 matmuls rounded to TF32"),
+)
