@@ -1,27 +1,18 @@
-"""Planted numerics defects: a cancelling segsum (row 10) and TF32 matmuls (row 11); the math is
-right, the float32 rounding is not."""
+"""Planted numerics defects: a cancelling segsum (row 10, tests/planted_ssd.py) and TF32 matmuls
+(row 11); the math is right, the float32 rounding is not."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from equiv import ssd
 from equiv.mamba2 import model as m
+from tests.planted_ssd import ssd_chunked_cumsum_difference
 from tests.planting import Defect
 
 f32 = jnp.float32
 
 _linear = m.linear  # the correct function, captured at import
-
-
-def segsum_cumsum_difference(a, block=16):
-    """Row 10: mamba2-jax 1.1.2's segsum, cs[i] - cs[j]: cancels when the cumulative decay is large."""
-    cs = jnp.cumsum(a, axis=-1)
-    q = a.shape[-1]
-    grid = (*a.shape, q)
-    diff = jnp.broadcast_to(cs[..., :, None], grid) - jnp.broadcast_to(cs[..., None, :], grid)
-    return jnp.where(jnp.broadcast_to(jnp.tril(jnp.ones((q, q), bool)), grid), diff, -jnp.inf)
 
 
 def round_to_tf32(x):
@@ -39,7 +30,7 @@ def linear_tf32(x, w, b=None):
 
 
 NUMERICS_DEFECTS = (
-    Defect("segsum_cumsum_difference", "10", ((ssd, "segsum", segsum_cumsum_difference),),
-           "segsum as a difference of cumulative sums"),
+    Defect("segsum_cumsum_difference", "10", ((m, "ssd_chunked", ssd_chunked_cumsum_difference),),
+           "segsum as a difference of cumulative sums over each chunk"),
     Defect("tf32_matmuls", "11", ((m, "linear", linear_tf32),), "float32 matmuls rounded to TF32"),
 )

@@ -45,7 +45,6 @@ _CALLERS = {
     "causal_conv": ("mixer_conv", "decode_step"),
     "_ssd_args": ("mixer_ssm", "decode_step"),
     "ssd_chunked": ("mixer_ssm",),
-    "segsum": ("mixer_ssm",),
     "ssd_step": ("decode_step",),
 }
 _ORIGINAL_OPS = {name: getattr(m, name) for name in OPS}
