@@ -30,12 +30,12 @@ def mixer_ssm_tiled_bc(cfg, lp, zxbcdt, conv_out, ssm_state, chunk_size):
     return y.reshape(b, l, h * p), final
 
 
-def gated_norm_over_d_inner(y, z, w, eps, n_groups):
+def gated_norm_over_d_inner(y, z, w, eps, n_groups, spans=None):
     """Row 2: one RMS over the whole d_inner (as if g = 1)."""
     return _gated_rms_norm(y, z, w, eps, 1)
 
 
-def gated_norm_before_gate(y, z, w, eps, n_groups):
+def gated_norm_before_gate(y, z, w, eps, n_groups, spans=None):
     """Row 3: normalise y per group first, then multiply by silu(z) (norm_before_gate=True)."""
     yf = y.astype(f32)
     *lead, e = yf.shape

@@ -26,7 +26,8 @@ def round_to_tf32(x):
 def linear_tf32(x, w, b=None):
     """Row 11: float32 matmuls run as TF32 (both operands rounded, float32 accumulation)."""
     w = tuple(round_to_tf32(blk) for blk in w) if isinstance(w, (tuple, list)) else round_to_tf32(w)
-    return _linear(round_to_tf32(x), w, b)
+    x = tuple(map(round_to_tf32, x)) if isinstance(x, tuple) else round_to_tf32(x)
+    return _linear(x, w, b)
 
 
 NUMERICS_DEFECTS = (

@@ -35,9 +35,10 @@ from equiv.mamba2.port import Mamba2Model
 _MODULES = (m, gen, port_module, ssd)  # every module that may hold a reference to a swapped function
 
 # the sub-ops jitted one by one (model function -> static arguments)
-OPS = {"block_norm": ("cfg",), "mixer_in_proj": ("cfg",), "mixer_conv": ("cfg",),
-       "mixer_ssm": ("cfg", "chunk_size"), "mixer_gated_norm": ("cfg",), "mixer_out_proj": ("cfg",),
-       "block_residual": ("cfg",), "rms_norm": ("eps",), "lm_logits": ("cfg",), "decode_step": ("cfg",)}
+OPS = {"block_norm": ("cfg", "spans"), "mixer_in_proj": ("cfg",), "mixer_conv": ("cfg",),
+       "mixer_ssm": ("cfg", "chunk_size"), "mixer_gated_norm": ("cfg", "spans"),
+       "mixer_out_proj": ("cfg",), "block_residual": ("cfg",), "rms_norm": ("eps", "spans"),
+       "lm_logits": ("cfg",), "decode_step": ("cfg",)}
 # function a defect may replace -> the sub-ops whose trace calls it (read off equiv/mamba2/model.py)
 _CALLERS = {
     "gated_rms_norm": ("mixer_gated_norm", "decode_step"),

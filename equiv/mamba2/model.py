@@ -1,7 +1,8 @@
 """The Mamba-2 forward in pure JAX: params are a pytree of arrays (equiv/mamba2/convert.py), layers
 a Python loop over per-layer dicts (unrolled under jit: a lax.scan over stacked weights measured
-~1.7x slower per decode step on CPU, its dynamic slices copy each layer's weights), the SSD is equiv.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM`
-(torch path) op for op, including where it casts, so that bf16 runs are comparable too.
+~1.7x slower per decode step on CPU, its dynamic slices copy each layer's weights), the SSD is
+equiv.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM` (torch path) op for op, including
+where it casts, so that bf16 runs are comparable too.
 
 Every function here is pure and jit-compatible; equiv/mamba2/port.py jits them and checks inputs.
 """
@@ -46,43 +47,73 @@ def split_k(w, block: int = MATMUL_K_BLOCK) -> tuple:
     return tuple(w[start:start + block] for start in range(0, w.shape[0], block))
 
 
+def k_spans(w) -> tuple[tuple[int, int], ...] | None:
+    """The (start, stop) columns of x that `linear` contracts with each K-block of w; None for an
+    unsplit w. Static: the norms take it to produce their output already in blocks."""
+    if not isinstance(w, (tuple, list)):
+        return None
+    stops = [0]
+    for block in w:
+        stops.append(stops[-1] + block.shape[0])
+    return tuple(zip(stops[:-1], stops[1:], strict=True))
+
+
+def whole(x):
+    """An activation produced in column blocks (a tuple), as one array: for taps."""
+    return jnp.concatenate(x, axis=-1) if isinstance(x, tuple) else x
+
+
 def linear(x, w, b=None):
     """x @ w (+ b). `w` is an array, or a tuple of K-blocks from `split_k` (how the port stores its
-    projections): then one dot per block, summed in order.
+    projections): then one dot per block, summed in order. `x` is an array, or already a tuple of
+    column blocks matching w's (`k_spans`).
 
     Why blocks: XLA:CPU's float32 dot accumulates long contractions less accurately than torch's
     (RMS error vs float64, XLA / torch, measured: 1.67x at K=512, 2.76x at K=1536, 3.2x at K=2048),
     enough to fail the error budget on deeper models (trained-bytes: 2.81x at layers.3.mixer.ssm in
     accumulated mode) although every op is right. Dots over K-blocks of 256 summed in order measure
-    0.8-1.15x torch's error. The blocks must be separate arrays: slicing one weight inside the jitted
-    graph makes XLA copy it, 5x slower per decode step; pre-split it costs 0.9-1.2x a plain dot.
-    Precision comes from the caller's jax.default_matmul_precision scope."""
+    0.8-1.15x torch's error. The weight blocks must be separate arrays: slicing one weight inside
+    the jitted graph makes XLA copy it, 5x slower per decode step. The x blocks are best produced by
+    the norm that computes x (rms_norm / gated_rms_norm with spans): slicing a finished x copies it,
+    and the 130m prefill measured 0.20 s slower for it (1.07 s against 0.88 s unsplit); produced in
+    blocks the split dots cost what one dot costs. Precision comes from the caller's
+    jax.default_matmul_precision scope."""
     if isinstance(w, (tuple, list)):
-        y, start = None, 0
-        for block in w:
-            part = jnp.einsum("...i,io->...o", x[..., start:start + block.shape[0]], block)
+        if not isinstance(x, tuple):
+            x = tuple(x[..., start:stop] for start, stop in k_spans(w))
+        y = None
+        for xb, block in zip(x, w, strict=True):
+            part = jnp.einsum("...i,io->...o", xb, block)
             y = part if y is None else y + part
-            start += block.shape[0]
     else:
-        y = jnp.einsum("...i,io->...o", x, w)
+        y = jnp.einsum("...i,io->...o", whole(x), w)
     return y if b is None else y + jnp.broadcast_to(b, y.shape)
 
 
-def rms_norm(x, w, eps):
-    """Mirrors transformers `Mamba2RMSNorm`: normalise in float32, cast back, then scale."""
+def rms_norm(x, w, eps, spans=None):
+    """Mirrors transformers `Mamba2RMSNorm`: normalise in float32, cast back, then scale. With
+    `spans`, the output comes as a tuple of those column blocks (see `linear`), bit for bit the same."""
     xf = x.astype(f32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return jnp.broadcast_to(w, x.shape) * xf.astype(x.dtype)
+    scale = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if spans is None:
+        return jnp.broadcast_to(w, x.shape) * (xf * scale).astype(x.dtype)
+    parts = ((xf[..., a:b] * scale).astype(x.dtype) for a, b in spans)
+    return tuple(jnp.broadcast_to(w[a:b], v.shape) * v for (a, b), v in zip(spans, parts, strict=True))
 
 
-def gated_rms_norm(y, z, w, eps, n_groups):
+def gated_rms_norm(y, z, w, eps, n_groups, spans=None):
     """Mirrors transformers `MambaRMSNormGated` with norm_before_gate=False: gate first, then
-    normalise each group of d_inner / g channels separately (known-bugs.md rows 2 and 3)."""
+    normalise each group of d_inner / g channels separately (known-bugs.md rows 2 and 3). With
+    `spans`, the output comes as a tuple of those column blocks, bit for bit the same."""
     yf = y.astype(f32) * jax.nn.silu(z.astype(f32))
     *lead, e = yf.shape
     grouped = yf.reshape(*lead, n_groups, e // n_groups)
-    grouped = grouped * jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
-    return jnp.broadcast_to(w, y.shape) * grouped.reshape(*lead, e).astype(y.dtype)
+    scale = jax.lax.rsqrt(jnp.mean(grouped * grouped, axis=-1, keepdims=True) + eps)
+    if spans is None:
+        return jnp.broadcast_to(w, y.shape) * (grouped * scale).reshape(*lead, e).astype(y.dtype)
+    scale = jnp.broadcast_to(scale, grouped.shape).reshape(*lead, e)  # per channel: fused, not stored
+    parts = ((yf[..., a:b] * scale[..., a:b]).astype(y.dtype) for a, b in spans)
+    return tuple(jnp.broadcast_to(w[a:b], v.shape) * v for (a, b), v in zip(spans, parts, strict=True))
 
 
 def causal_conv(xBC, w, b, conv_state):
@@ -100,6 +131,8 @@ def causal_conv(xBC, w, b, conv_state):
 
 def _masked(x, mask):
     """Zero padded positions (mirrors `apply_mask_to_padding_states`, known-bugs.md row 6)."""
+    if isinstance(x, tuple):
+        return tuple(_masked(xb, mask) for xb in x)
     return x if mask is None else x * jnp.broadcast_to(mask[..., None], x.shape).astype(x.dtype)
 
 
@@ -141,17 +174,17 @@ def mixer_ssm(cfg, lp, zxbcdt, conv_out, ssm_state, chunk_size):
     return y.reshape(b, l, h * p), final  # b l e
 
 
-def mixer_gated_norm(cfg, lp, zxbcdt, y):
+def mixer_gated_norm(cfg, lp, zxbcdt, y, spans=None):
     z = zxbcdt[..., :cfg.d_inner]
-    return gated_rms_norm(y, z, lp["gnorm"], cfg.norm_eps, cfg.n_groups)
+    return gated_rms_norm(y, z, lp["gnorm"], cfg.norm_eps, cfg.n_groups, spans=spans)
 
 
 def mixer_out_proj(cfg, lp, gated):
     return linear(gated, lp["out_proj"], lp.get("out_proj_bias"))
 
 
-def block_norm(cfg, lp, hidden):
-    return rms_norm(hidden.astype(lp["norm"].dtype), lp["norm"], cfg.norm_eps)
+def block_norm(cfg, lp, hidden, spans=None):
+    return rms_norm(hidden.astype(lp["norm"].dtype), lp["norm"], cfg.norm_eps, spans=spans)
 
 
 def block_residual(cfg, hidden, mixer_out):
@@ -194,20 +227,20 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
     if taps:
         tap_dict["embed"] = hidden
     for i, lp in enumerate(params["layers"]):
-        normed = block_norm(cfg, lp, hidden)
+        normed = block_norm(cfg, lp, hidden, spans=k_spans(lp["in_proj"]))  # in blocks: see linear
         zxbcdt = mixer_in_proj(cfg, lp, normed, mask)
         conv_out, conv_state = mixer_conv(cfg, lp, zxbcdt, mask, cache.conv[i])
         y, ssm_state = mixer_ssm(cfg, lp, zxbcdt, conv_out, cache.ssm[i], chunk_size)
-        gated = mixer_gated_norm(cfg, lp, zxbcdt, y)
+        gated = mixer_gated_norm(cfg, lp, zxbcdt, y, spans=k_spans(lp["out_proj"]))
         out = mixer_out_proj(cfg, lp, gated)
         hidden = block_residual(cfg, hidden, out)
         convs.append(conv_state)
         ssms.append(ssm_state)
         if taps:
             t = f"layers.{i}"
-            tap_dict |= {f"{t}.norm": normed, f"{t}.mixer.in_proj": zxbcdt, f"{t}.mixer.conv": conv_out,
-                         f"{t}.mixer.ssm": y, f"{t}.mixer.gated_norm": gated, f"{t}.mixer.out_proj": out,
-                         t: hidden}
+            tap_dict |= {f"{t}.norm": whole(normed), f"{t}.mixer.in_proj": zxbcdt,
+                         f"{t}.mixer.conv": conv_out, f"{t}.mixer.ssm": y,
+                         f"{t}.mixer.gated_norm": whole(gated), f"{t}.mixer.out_proj": out, t: hidden}
     normed = rms_norm(hidden, params["norm_f"], cfg.norm_eps)
     logits = lm_logits(cfg, params, normed[:, -1] if last_logits_only else normed)
     if taps:
@@ -223,7 +256,7 @@ def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
     b = tokens.shape[0]
     convs, ssms = [], []
     for i, lp in enumerate(params["layers"]):
-        normed = block_norm(cfg, lp, hidden)
+        normed = block_norm(cfg, lp, hidden, spans=k_spans(lp["in_proj"]))
         zxbcdt = linear(normed, lp["in_proj"], lp.get("in_proj_bias"))  # b in_dim
         z, xBC, dt = _split(zxbcdt, (cfg.d_inner, cfg.conv_dim, h))
         conv_out, conv_state = causal_conv(xBC[:, None], lp["conv_w"], lp.get("conv_b"), cache.conv[i])
@@ -231,7 +264,8 @@ def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
         A = -jnp.exp(lp["A_log"].astype(f32))
         y, ssm_state = ssd_step(cache.ssm[i], x.reshape(b, h, p), dt, A, B.reshape(b, g, n),
                                 C.reshape(b, g, n), **_ssd_args(cfg, lp))
-        gated = gated_rms_norm(y.reshape(b, h * p), z, lp["gnorm"], cfg.norm_eps, cfg.n_groups)
+        gated = gated_rms_norm(y.reshape(b, h * p), z, lp["gnorm"], cfg.norm_eps, cfg.n_groups,
+                               spans=k_spans(lp["out_proj"]))
         out = linear(gated, lp["out_proj"], lp.get("out_proj_bias"))
         hidden = block_residual(cfg, hidden, out)
         convs.append(conv_state)
