@@ -1,11 +1,15 @@
 """The bundled fixtures: the manifest covers and matches them, a corrupted copy is caught with the
-file named, the tiny checkpoints regenerate bit-identically and are randomised the way
-reference/make_fixtures.py says (not transformers' default init)."""
+file named, the tiny checkpoints and the golden recordings regenerate bit-identically, and the tiny
+checkpoints are randomised the way reference/make_fixtures.py says (not transformers' default init)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +131,32 @@ def test_tiny_fixtures_regenerate_bit_identically(tmp_path):
     assert make_fixtures.main(["--out", str(tmp_path), "--no-manifest"]) == 0
     for name in TINY:
         assert scan_files(tmp_path / name) == recorded[name]["files"], name
+
+
+def test_golden_recording_regenerates_bit_identically(tmp_path):
+    """`nox -s fixtures` runs `python -m reference.golden`; run the same, in a fresh process (torch
+    fixes its CPU kernels at its first op), for tiny-g1 (the cheapest fixture, ~15 s; all of them
+    take ~100 s), and require the committed bytes, unless generator.json says other versions."""
+    pytest.importorskip("torch")
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "reference.golden", "--out", str(tmp_path), "--fixture",
+                           "tiny-g1"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    golden = fixtures_root() / "golden"
+    was = json.loads((golden / "generator.json").read_text())
+    now = json.loads((tmp_path / "generator.json").read_text())
+    was_v, now_v = was.pop("versions"), now.pop("versions")
+    differ = {k: (was_v.get(k), now_v.get(k)) for k in sorted(set(was_v) | set(now_v))
+              if k != "python" and was_v.get(k) != now_v.get(k)}
+    if differ:
+        pytest.skip(f"fixtures/golden was recorded with other versions or CPU kernels "
+                    f"(recorded, now): {differ}")
+    assert now == was
+    files = sorted(p.name for p in (golden / "tiny-g1").iterdir())
+    assert sorted(p.name for p in (tmp_path / "tiny-g1").iterdir()) == files
+    for name in files:
+        assert (tmp_path / "tiny-g1" / name).read_bytes() == (golden / "tiny-g1" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("name", TINY)
