@@ -43,8 +43,10 @@ def equivalence(session: nox.Session) -> None:
     the SSD duality properties; prints a summary, writes equivalence-report/, exits non-zero on any
     failure. `--golden` compares against fixtures/golden/ instead of running torch."""
     golden = "--golden" in session.posargs
-    install_project(session, "test", "report") if golden else install_project(session, "reference", "test", "report")
-    if not golden:
+    if golden:
+        install_project(session, "test", "report")
+    else:
+        install_project(session, "reference", "test", "report")
         install_mamba_ssm(session)
     session.run("equiv", "check", "--out", "equivalence-report", *session.posargs)
 

@@ -119,11 +119,13 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
     plan = plan_for(path, vocab, chunk)
     for mode in ("accumulated", "isolated"):
         progress(f"[{name}] layer-wise diff, {mode}")
-        out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode, seed=0)
+        out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode,
+                                            seed=0)
     for i, (prompts, mask) in enumerate(plan.decode_batches):
         progress(f"[{name}] greedy decode {i + 1}/{len(plan.decode_batches)}: "
                  f"{prompts.shape[0]} prompt(s) x {plan.max_new_tokens} tokens")
-        out.decode.append(match_greedy(model, reference, oracle, prompts, mask, plan.max_new_tokens, plan.eos_id))
+        out.decode.append(match_greedy(model, reference, oracle, prompts, mask, plan.max_new_tokens,
+                                       plan.eos_id))
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -170,7 +172,8 @@ def write_check_reports(outcomes: list[FixtureOutcome], ssd: dict, provenance: d
         out_dir.mkdir(parents=True, exist_ok=True)
         summary = SCHEMA | {"verdict": overall_verdict(outcomes, ssd), "ssd_duality": ssd,
                             "provenance": provenance, "fixtures": [o.to_dict() for o in outcomes]}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True, default=_json_default))
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True,
+                                                         default=_json_default))
         (out_dir / "timing.json").write_text(json.dumps(timings, indent=1))
         md = ["# ssm-equiv: equivalence", "", f"**Verdict: {summary['verdict'].upper()}**", "", "```",
               summary_table(outcomes, ssd), "```", ""]
@@ -216,7 +219,8 @@ def _check_one(name: str, golden: bool, port_spec: str) -> FixtureOutcome:
     from equiv.ports import resolve_port
 
     path = fixture_dir(name)
-    return check_fixture(name, path, resolve_port(port_spec), reference_loader(golden, path.parent / "golden"),
+    load_ref = reference_loader(golden, path.parent / "golden")
+    return check_fixture(name, path, resolve_port(port_spec), load_ref,
                          progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
 
 
@@ -232,8 +236,8 @@ def _check_in_processes(names, golden, port_spec, workers, progress) -> list[Fix
         return [f.result() for f in futures]
 
 
-def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = False, port_spec: str = "builtin",
-                 ssd: bool = True, progress=print, workers: int = 1) -> int:
+def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = False,
+                 port_spec: str = "builtin", ssd: bool = True, progress=print, workers: int = 1) -> int:
     """Returns the exit code: 0 equivalent, 1 any failure."""
     from equiv.fixtures import fixture_dir, list_fixtures, verify_fixture
     from equiv.ports import resolve_port

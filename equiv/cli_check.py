@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-ssd", action="store_true", help="skip the SSD duality property suite")
     p.add_argument("-n", "--workers", type=int, default=1, metavar="N",
                    help="check fixtures in N processes (same results, same report, any N)")
-    p.add_argument("--out", default="equivalence-report", help="report directory (default: equivalence-report)")
+    p.add_argument("--out", default="equivalence-report",
+                   help="report directory (default: equivalence-report)")
     p.set_defaults(func=run_check)
 
 

@@ -230,7 +230,8 @@ def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
         out.verdict = "fail"
         out.reason = (f"localised error: max |port - oracle| {out.max_err_port:.3g} at "
                       f"{list(out.worst_index)} is {out.ratio_max:.1f}x the reference's worst element "
-                      f"{out.max_err_ref:.3g} (guard {max_budget:g}x) while the RMS ratio is {out.ratio:.2f}x")
+                      f"{out.max_err_ref:.3g} (guard {max_budget:g}x) while the RMS ratio is "
+                      f"{out.ratio:.2f}x")
     return out
 
 

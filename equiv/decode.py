@@ -58,8 +58,9 @@ class DecodeResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["logits"] = self.logits.to_dict() if self.logits else None
-        d["reference_consistency"] = self.reference_consistency.to_dict() if self.reference_consistency else None
-        d["median_reference_margin"] = None if math.isnan(self.median_reference_margin) else self.median_reference_margin
+        consistency, margin = self.reference_consistency, self.median_reference_margin
+        d["reference_consistency"] = consistency.to_dict() if consistency else None
+        d["median_reference_margin"] = None if math.isnan(margin) else margin
         return d
 
 
@@ -148,7 +149,8 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
         f = fails[0]
         result.verdict = "fail"
         result.reason = (f"row {f.row} step {f.step}: port {f.port_token} vs reference {f.reference_token} "
-                         f"(reference margin {f.reference_margin:.3g} > rounding bound {f.logit_error_bound:.3g})")
+                         f"(reference margin {f.reference_margin:.3g} > rounding bound "
+                         f"{f.logit_error_bound:.3g})")
     else:
         result.reason = (f"{sum(result.matched_steps)}/{sum(valid)} steps matched"
                          + (f"; {len(result.mismatches)} mismatch(es) explained "

@@ -197,7 +197,8 @@ def _validate(mode: str, dtype: str, budget) -> float:
     if dtype not in DTYPES:
         raise EquivError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
     if budget is None:  # accumulated taps inherit amplified upstream differences: own table entry
-        return tolerance(dtype, "error_budget_accumulated" if mode == "accumulated" else "error_budget").budget
+        key = "error_budget_accumulated" if mode == "accumulated" else "error_budget"
+        return tolerance(dtype, key).budget
     if isinstance(budget, bool) or not isinstance(budget, int | float) or not (0 < budget < math.inf):
         raise EquivError(f"budget: expected a finite number > 0, got {budget!r}")
     return float(budget)

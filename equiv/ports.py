@@ -95,7 +95,8 @@ def resolve_port(spec: str) -> Port:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        hint = " (install the optional extra: pip install 'ssm-equiv[mamba2-jax]')" if spec == "mamba2-jax" else ""
+        hint = (" (install the optional extra: pip install 'ssm-equiv[mamba2-jax]')"
+                if spec == "mamba2-jax" else "")
         raise PortError(f"port {spec!r}: cannot import module {module_name!r}: {e}{hint}") from None
     try:
         obj = getattr(module, attr)

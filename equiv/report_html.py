@@ -189,7 +189,8 @@ def to_html(result: LayerwiseResult, png: bytes | None) -> str:
 <h2>All taps (execution order)</h2>
 <table>
 <tr><th>tap</th><th>verdict</th><th>ratio</th><th>RMS port&minus;oracle</th><th>RMS ref&minus;oracle</th>
-<th>max |port&minus;ref|</th><th>floor</th><th>1&minus;cosine</th><th>ULP p99 (vs ref)</th><th>reason</th></tr>
+<th>max |port&minus;ref|</th><th>floor</th><th>1&minus;cosine</th><th>ULP p99 (vs ref)</th>
+<th>reason</th></tr>
 {_tap_rows(result)}
 </table>
 <h2>Provenance</h2>

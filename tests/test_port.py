@@ -92,7 +92,8 @@ def test_jitted_equals_not_jitted():
         jitted = jax.jit(lambda p, i: m.forward(p, port.cfg, i)[0])(port.params, ids)
         with jax.disable_jit():
             eager = m.forward(port.params, port.cfg, ids)[0]
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=0, atol=2e-5 * float(jnp.abs(eager).max()))
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=0,
+                               atol=2e-5 * float(jnp.abs(eager).max()))
 
 
 def test_generate_does_not_retrace_and_matches_step_logits():
@@ -117,7 +118,10 @@ def test_decode_step_work_is_independent_of_position_and_chunk():
     cfg = port.cfg
     cache = m.empty_cache(cfg, 1, jnp.float32)
     tok = jnp.zeros((1,), jnp.int32)
-    hlo = lambda c: jax.jit(lambda p, k, t: m.decode_step(p, c, k, t)).lower(port.params, cache, tok).as_text()  # noqa: E731
+
+    def hlo(c):
+        return jax.jit(lambda p, k, t: m.decode_step(p, c, k, t)).lower(port.params, cache, tok).as_text()
+
     assert hlo(cfg) == hlo(cfg.replace(chunk_size=1)) == hlo(cfg.replace(chunk_size=4096))
 
 

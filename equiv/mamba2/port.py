@@ -70,7 +70,8 @@ class Mamba2Model:
         ids, mask = self._check(ids, mask)
         with jax.default_matmul_precision(self.precision):
             out = _forward_jit(self.params, self.cfg, ids, mask, taps)
-        return {k: np.asarray(v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v) for k, v in out.items()}
+        return {k: np.asarray(v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
+                for k, v in out.items()}
 
     def forward_isolated(self, ids, mask, inputs) -> dict[str, np.ndarray]:
         ids, mask = self._check(ids, mask)
@@ -89,15 +90,16 @@ class Mamba2Model:
                 lp = self.params["layers"][i]
                 prev = "embed" if i == 0 else f"layers.{i - 1}"
                 t = f"layers.{i}"
-                res = _isolated_layer(cfg, lp, get(prev, resid if i else dt), get(f"{t}.norm"),
-                                      get(f"{t}.mixer.in_proj"), get(f"{t}.mixer.conv"), get(f"{t}.mixer.ssm"),
-                                      get(f"{t}.mixer.gated_norm"), get(f"{t}.mixer.out_proj"),
+                mixer = [get(f"{t}.mixer.{o}") for o in ("in_proj", "conv", "ssm", "gated_norm", "out_proj")]
+                res = _isolated_layer(cfg, lp, get(prev, resid if i else dt), get(f"{t}.norm"), *mixer,
                                       None if mask is None else jnp.asarray(mask))
                 for k, v in res.items():
                     out[f"{t}.{k}" if k else t] = np.asarray(v.astype(jnp.float32))
             last = get(f"layers.{cfg.n_layers - 1}", resid)
-            out["norm_f"] = np.asarray(m.rms_norm(last, self.params["norm_f"], cfg.norm_eps).astype(jnp.float32))
-            out["logits"] = np.asarray(m.lm_logits(cfg, self.params, get("norm_f", last.dtype)).astype(jnp.float32))
+            norm_f = m.rms_norm(last, self.params["norm_f"], cfg.norm_eps)
+            out["norm_f"] = np.asarray(norm_f.astype(jnp.float32))
+            logits = m.lm_logits(cfg, self.params, get("norm_f", last.dtype))
+            out["logits"] = np.asarray(logits.astype(jnp.float32))
         return out
 
     def step_logits(self, ids, mask, prompt_len: int) -> np.ndarray:
