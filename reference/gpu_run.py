@@ -9,6 +9,9 @@
 3. Speed: prefill tokens/s (L=2048, batch 1) and decode ms/token (16-token prompt, 64 new tokens,
    greedy, whole loop on device) of the built-in port on 130m- and 2.7b-shaped random models,
    float32 and bfloat16.
+4. mamba_ssm (reference/gpu_mamba_ssm.py): the built-in port against mamba_ssm's MambaLMHeadModel
+   (layer-wise, accumulated, float32) and greedy decode against mamba_ssm's generate, every fixture;
+   also written alone to mamba-ssm-report.json.
 
 Writes gpu-report.json and gpu-report.md to --out. Prints progress as it goes.
 """
@@ -62,7 +65,8 @@ def ssd_section(quick: bool) -> list[dict]:
     mm2 = import_modeling_mamba2()
     torch_scan = getattr(mm2.mamba2_chunk_scan, "__wrapped__", mm2.mamba2_chunk_scan)
     log(
-        f"transformers mamba2_chunk_scan bound to: {bound_implementation(mm2.mamba2_chunk_scan)}; using its torch body"
+        f"transformers mamba2_chunk_scan bound to: {bound_implementation(mm2.mamba2_chunk_scan)}; "
+        "using its torch body"
     )
     try:
         triton_scan = load_triton_chunk_scan()
@@ -106,8 +110,8 @@ def ssd_section(quick: bool) -> list[dict]:
         entry = {"shape": s, "reference": "transformers mamba2_chunk_scan torch body, CUDA fp32, TF32 off"}
         for prec in ("highest", "default"):
             f = jax.jit(
-                lambda x, dt, A, B, C, D, db: ssd_chunked(
-                    x, dt, A, B, C, s["chunk"], D=D, dt_bias=db, dt_softplus=True
+                lambda x, dt, A, B, C, D, db, chunk=s["chunk"]: ssd_chunked(
+                    x, dt, A, B, C, chunk, D=D, dt_bias=db, dt_softplus=True
                 )
             )
             with jax.default_matmul_precision(None if prec == "default" else prec):
@@ -279,11 +283,19 @@ def speed_section(quick: bool) -> list[dict]:
     return rows
 
 
+def mamba_ssm_section(fixtures_root: Path, out: Path, only: list[str]) -> dict:
+    from reference.gpu_mamba_ssm import mamba_ssm_section as section
+
+    return section(fixtures_root, out, only=only or None)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="gpu-report")
-    ap.add_argument("--sections", default="ssd,model,speed")
+    ap.add_argument("--sections", default="ssd,model,speed,mamba_ssm")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--fixtures", default="",
+                    help="mamba_ssm section: comma-separated fixture names (default: all)")
     args = ap.parse_args(argv)
     import jax
     import torch
@@ -302,6 +314,8 @@ def main(argv=None):
         "ssd": lambda: ssd_section(args.quick),
         "model": lambda: model_section(Path(__file__).resolve().parents[1] / "fixtures"),
         "speed": lambda: speed_section(args.quick),
+        "mamba_ssm": lambda: mamba_ssm_section(Path(__file__).resolve().parents[1] / "fixtures", out,
+                                               [n for n in args.fixtures.split(",") if n]),
     }
     for name in args.sections.split(","):
         try:  # one failing section must not lose the others' figures
