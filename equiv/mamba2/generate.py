@@ -44,8 +44,9 @@ def decode_loop(params, cfg: Mamba2Config, cache: Cache, logits, max_new_tokens:
     """From the prefill's last logits, emit up to max_new_tokens greedy tokens.
 
     Returns (tokens (b, T) int32, margins (b, T) float32, steps, cache): the cache is returned so
-    the donated prefill buffers are reused in place and generation can be resumed. A sequence that has emitted eos_id
-    emits pad_id afterwards (as transformers does); the loop stops when all have, or at T."""
+    the donated prefill buffers are reused in place and generation can be resumed. A sequence that
+    has emitted eos_id emits pad_id afterwards (as transformers does); the loop stops when all
+    have, or at T."""
     TRACES["decode_loop"] += 1
     b = logits.shape[0]
 
