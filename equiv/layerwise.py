@@ -133,6 +133,8 @@ def format_ratio(r: float | None) -> str:
 
 
 def _ratio_text(t: TapComparison, dtype: str) -> str:
+    if t.reason.startswith("the reference itself"):
+        return t.reason
     if math.isfinite(t.ratio) and not t.nonfinite.get("port_mismatch_count"):
         return f"{format_ratio(t.ratio)} the reference's {dtype} error"
     return t.reason

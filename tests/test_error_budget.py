@@ -147,3 +147,28 @@ def test_shape_mismatch_fails():
     assert res.verdict == "fail" and "shape mismatch" in res.reason
     with pytest.raises(BudgetExceeded, match="shape mismatch"):
         assert_within_budget("t", port, reference[:2], oracle)
+
+
+def test_reference_far_from_the_oracle_is_not_a_pass():
+    # A wrong yardstick (a reference or oracle with different math, e.g. transformers 5.17's
+    # whole-d_inner gated norm) makes a port that shares the difference look "as accurate as the
+    # reference": ratio ~1. The reference's own relative error must expose it.
+    rng = np.random.default_rng(3)
+    oracle = rng.standard_normal((64, 32))
+    shared_bug = (oracle * 1.05).astype(np.float32)  # 5% off, on both sides
+    res = compare_tap("layers.0.mixer.gated_norm", shared_bug, shared_bug, oracle)
+    assert res.ratio == pytest.approx(1.0)
+    assert res.verdict == "fail"
+    assert res.ref_rel_error == pytest.approx(0.05, rel=1e-3)
+    assert res.reason.startswith("the reference itself is 0.05")
+
+
+def test_tf32_level_reference_error_is_still_a_yardstick():
+    # mamba_ssm's Triton kernels on an H100: ~1e-3 relative; a port far better than that passes
+    rng = np.random.default_rng(4)
+    oracle = rng.standard_normal((64, 32))
+    reference = (oracle * (1 + 1e-3 * rng.standard_normal(oracle.shape))).astype(np.float32)
+    port = oracle.astype(np.float32)
+    res = compare_tap("layers.0.mixer.ssm", port, reference, oracle)
+    assert 5e-4 < res.ref_rel_error < 2e-3
+    assert res.verdict == "pass", res.reason
