@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from equiv.errors import CheckpointError, ConfigError, UnsupportedFeatureError
+from reference.mamba_ssm_refs import PACKAGE, bare_package, restore_modules
 
-PACKAGE = "mamba_ssm"
 MODEL_MODULE = "mamba_ssm.models.mixer_seq_simple"
 STUBBED = ("selective_scan_cuda",)
 """Compiled extensions imported at module level on the import path of MambaLMHeadModel but used
@@ -75,17 +75,6 @@ def _owned(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".") or name in STUBBED
 
 
-def _restore(before: dict[str, types.ModuleType]) -> None:
-    """Put every `mamba_ssm*` / stub entry of sys.modules back as it was (see mamba_ssm_refs)."""
-    for name in [k for k in list(sys.modules) if _owned(k) and k not in before]:
-        module = sys.modules.pop(name)
-        parent_name, _, child = name.rpartition(".")
-        parent = before.get(parent_name)
-        if parent is not None and getattr(parent, child, None) is module:
-            delattr(parent, child)
-    sys.modules.update(before)
-
-
 def _load() -> MambaSsmModules:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -97,10 +86,7 @@ def _load() -> MambaSsmModules:
         version = "unknown"
     before = {k: v for k, v in sys.modules.items() if _owned(k)}
     stubs = tuple(n for n in STUBBED if n not in sys.modules and importlib.util.find_spec(n) is None)
-    bare = types.ModuleType(PACKAGE)
-    bare.__path__, bare.__spec__, bare.__file__, bare.__package__ = (
-        list(spec.submodule_search_locations), spec, spec.origin, PACKAGE)
-    sys.modules[PACKAGE] = bare  # shadows a real one too: its __init__ must not run here
+    sys.modules[PACKAGE] = bare_package(spec)  # shadows a real one too: its __init__ must not run here
     sys.modules.update({n: _stub(n) for n in stubs})
     try:
         mods = {name: importlib.import_module(f"{PACKAGE}.{path}") for name, path in (
@@ -111,7 +97,7 @@ def _load() -> MambaSsmModules:
             f"mamba_ssm {version}: {MODEL_MODULE} failed to import ({type(e).__name__}: {e}); it needs "
             "torch, einops, triton and huggingface_hub") from e
     finally:
-        _restore(before)
+        restore_modules(before, _owned)  # the stubs too
     return MambaSsmModules(version=version, stubs_installed=stubs, **mods)
 
 

@@ -72,11 +72,19 @@ def _owned(name: str) -> bool:
     return name == PACKAGE or name.startswith(PACKAGE + ".")
 
 
-def _restore(before: dict[str, types.ModuleType]) -> None:
-    """Put every `mamba_ssm*` entry of sys.modules back as it was; drop the attributes our imports
-    set on modules that were already there (transformers' failed `import mamba_ssm` leaves a few,
-    e.g. `mamba_ssm.ops.triton`)."""
-    added = [k for k in list(sys.modules) if _owned(k) and k not in before]
+def bare_package(spec) -> types.ModuleType:
+    """The mamba_ssm package object as `import` would make it, without running its __init__."""
+    bare = types.ModuleType(PACKAGE)
+    bare.__path__, bare.__spec__, bare.__file__, bare.__package__ = (
+        list(spec.submodule_search_locations), spec, spec.origin, PACKAGE)
+    return bare
+
+
+def restore_modules(before: dict[str, types.ModuleType], owned=_owned) -> None:
+    """Put every entry of sys.modules that `owned` claims (default: `mamba_ssm*`) back as it was
+    in `before`; drop the attributes our imports set on modules that were already there
+    (transformers' failed `import mamba_ssm` leaves a few, e.g. `mamba_ssm.ops.triton`)."""
+    added = [k for k in list(sys.modules) if owned(k) and k not in before]
     for name in added:
         module = sys.modules.pop(name)
         parent_name, _, child = name.rpartition(".")
@@ -96,12 +104,7 @@ def _load() -> MambaSsmRefs:
         version = "unknown"
     before = {k: v for k, v in sys.modules.items() if _owned(k)}
     if PACKAGE not in before:
-        bare = types.ModuleType(PACKAGE)
-        bare.__path__ = list(spec.submodule_search_locations)
-        bare.__spec__ = spec
-        bare.__file__ = spec.origin
-        bare.__package__ = PACKAGE
-        sys.modules[PACKAGE] = bare
+        sys.modules[PACKAGE] = bare_package(spec)
     try:
         funcs = {fn: getattr(importlib.import_module(mod), fn) for fn, mod in _SUBMODULES.items()}
     except ImportError as e:
@@ -109,7 +112,7 @@ def _load() -> MambaSsmRefs:
             f"mamba_ssm {version} is installed but its pure-torch references failed to import "
             f"({type(e).__name__}: {e}); they need torch, einops and triton: {INSTALL_COMMAND}") from e
     finally:
-        _restore(before)
+        restore_modules(before)
     return MambaSsmRefs(version=version, **funcs)
 
 

@@ -37,6 +37,7 @@ from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult
 from reference import provenance as prov
 from reference.mamba_ssm_model import build_model, config_for_json, load_mamba_ssm_model
+from reference.torch_taps import tap_modules, to_numpy
 
 # canonical tap -> (module of MambaLMHeadModel, what is captured): output | input0 | derived
 TAP_MAP = (
@@ -78,11 +79,6 @@ COUNTED_GLOBALS = {  # module attr -> provenance key; swapped for counting wrapp
 
 class ReferenceError(EquivError):
     """The mamba_ssm reference cannot run as asked (dtype, device, mask, arguments)."""
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
 def _interpreted() -> bool:
@@ -183,10 +179,7 @@ class MambaSsmRunner:
         return torch.from_numpy(ids.astype(np.int64)).to(self.device)
 
     def _modules(self):
-        named = dict(self.model.named_modules())
-        for tap, path, kind in TAP_MAP:
-            for i in range(self.n_layers) if "{i}" in tap else [None]:
-                yield tap.format(i=i), named[path.format(i=i)], kind
+        return tap_modules(self.model, TAP_MAP, self.n_layers)
 
     def run(self, ids, mask=None) -> dict[str, np.ndarray]:
         """Full forward without a cache; every canonical tap this model exposes (the rest are listed
@@ -224,7 +217,7 @@ class MambaSsmRunner:
             self.unavailable[n] = ("no module of MambaLMHeadModel produced it in this run (causal_conv1d's "
                                    "fused conv runs as a function call)" if ".mixer.conv" in n
                                    else "no module of MambaLMHeadModel produced it in this run")
-        return {n: _numpy(captured[n]) for n in self.tap_names if n in captured}
+        return {n: to_numpy(captured[n]) for n in self.tap_names if n in captured}
 
     def _step(self, token: torch.Tensor, params) -> torch.Tensor:
         """One cached decode step, as mamba_ssm.utils.generation.decode's get_logits does it."""
@@ -251,7 +244,7 @@ class MambaSsmRunner:
             params.seqlen_offset += prompt_len
             for t in range(prompt_len, l):
                 steps.append(self._step(t_ids[:, t:t + 1], params))
-        return _numpy(torch.stack(steps, dim=1))
+        return to_numpy(torch.stack(steps, dim=1))
 
     def generate(self, prompt, mask=None, max_new_tokens: int = 32,
                  eos_id: int | None = None) -> GenerateResult:

@@ -25,6 +25,7 @@ from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult
 from reference import provenance as prov
 from reference.float64_oracle import Float64Lift
+from reference.torch_taps import tap_modules, to_numpy
 
 # ---------------------------------------------------------------------------------------------
 # The tap map for Mamba-2: canonical tap -> (module of Mamba2ForCausalLM, what is captured).
@@ -54,11 +55,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 class ReferenceError(EquivError):
     """The reference cannot run as asked (bad dtype, missing checkpoint, wrong device)."""
-
-
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
 
 
 class TransformersRunner:
@@ -123,10 +119,7 @@ class TransformersRunner:
         return t_ids, t_mask
 
     def _modules(self):
-        named = dict(self.model.named_modules())
-        for tap, path, kind in TAP_MAP:
-            for i in range(self.n_layers) if "{i}" in tap else [None]:
-                yield tap.format(i=i), named[path.format(i=i)], kind
+        return tap_modules(self.model, TAP_MAP, self.n_layers)
 
     def run(self, ids, mask=None) -> dict[str, np.ndarray]:
         """Full forward without a cache; every canonical tap."""
@@ -159,7 +152,7 @@ class TransformersRunner:
         finally:
             for h in handles:
                 h.remove()
-        return {name: _numpy(captured[name]) for name in self.tap_names}
+        return {name: to_numpy(captured[name]) for name in self.tap_names}
 
     def _derived_conv(self, i: int, zxbcdt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Mirrors Mamba2Mixer.forward steps 2-3 (no cache): causal conv + SiLU, then the mask."""
@@ -192,7 +185,7 @@ class TransformersRunner:
             for t in range(prompt_len, l):
                 out = self.model(input_ids=t_ids[:, t:t + 1], cache_params=cache, use_cache=True)
                 steps.append(out.logits[:, -1])
-        return _numpy(torch.stack(steps, dim=1))
+        return to_numpy(torch.stack(steps, dim=1))
 
     def generate(self, prompt, mask=None, max_new_tokens: int = 32,
                  eos_id: int | None = None) -> GenerateResult:
