@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import ml_dtypes
 import numpy as np
 
-from equiv.compare import FLOOR_ULPS, TapComparison, compare_tap, tolerance
+from equiv.compare import FLOOR_ULPS, TapComparison, compare_tap, reference_implausible, tolerance
 from equiv.errors import EquivError
 from equiv.ports import TapUnavailable
 
@@ -133,7 +133,7 @@ def format_ratio(r: float | None) -> str:
 
 
 def _ratio_text(t: TapComparison, dtype: str) -> str:
-    if t.reason.startswith("the reference itself"):
+    if reference_implausible(t.ref_rel_error, dtype):
         return t.reason
     if math.isfinite(t.ratio) and not t.nonfinite.get("port_mismatch_count"):
         return f"{format_ratio(t.ratio)} the reference's {dtype} error"
