@@ -239,6 +239,10 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
         zxbcdt = mixer_in_proj(cfg, lp, normed, mask)
         conv_out, conv_state = mixer_conv(cfg, lp, zxbcdt, mask, cache.conv[i])
         y, ssm_state = mixer_ssm(cfg, lp, zxbcdt, conv_out, cache.ssm[i], chunk_size)
+        if last_logits_only and not taps and i == len(params["layers"]) - 1:
+            # the cache is complete (conv and SSM states cover every position); only the last
+            # position goes on to the logits: its out_proj is a matvec (130m prefill: -8 ms)
+            hidden, zxbcdt, y = hidden[:, -1:], zxbcdt[:, -1:], y[:, -1:]
         gated = mixer_gated_norm(cfg, lp, zxbcdt, y, spans=k_spans(lp["out_proj"]))
         out = mixer_out_proj(cfg, lp, gated)
         hidden = block_residual(cfg, hidden, out)
