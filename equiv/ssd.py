@@ -291,17 +291,17 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initia
     # 4. chunk to chunk: the only sequential part, O(c) steps
     h0 = _initial_state(initial_states, b, g, r, p, n)  # b g r p n
 
+    def carry_state(state, inp):  # -> (the state after this chunk, the state entering it)
+        chunk_decay, chunk_own = inp
+        return chunk_decay * state + chunk_own, state
+
     if c <= UNROLL_CHUNKS:  # a Python loop: no while loop, no copies of the carried state
         entering, final = [], h0
         for i in range(c):
-            entering.append(final)
-            final = start[k][:, i] * final + own[k][:, i]
-        entering = jnp.stack(entering, axis=1)  # b c g n r p
+            final, before = carry_state(final, (start[k][:, i], own[k][:, i]))
+            entering.append(before)
+        entering = jnp.stack(entering, axis=1)  # b c g r p n
     else:
-        def carry_state(state, inp):
-            chunk_decay, chunk_own = inp
-            return chunk_decay * state + chunk_own, state
-
         final, entering = jax.lax.scan(
             carry_state, h0, (jnp.moveaxis(start[k], 1, 0), jnp.moveaxis(own[k], 1, 0)))
         entering = jnp.moveaxis(entering, 0, 1)  # b c g r p n
