@@ -335,8 +335,19 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     h = _initial_state(state, b, g, r, p, n)
     decay = jnp.exp(s.dt * s.A)  # b g r
     h = decay[..., None, None] * h + jnp.einsum("bgr,bgrp,bgn->bgrpn", s.dt, s.x, s.B)
-    y = jnp.einsum("bgrpn,bgn->bgrp", h, s.C).reshape(b, g * r, p)
-    return _skip_and_gate(y, x, D, z, s.out_dtype), h.reshape(b, g * r, p, n)
+    h = h.reshape(b, g * r, p, n)
+    return ssd_readout(h, x, C, D, z), h
+
+
+def ssd_readout(state, x, C, D=None, z=None):
+    """The output y of one position from the state that already holds its input: y = C . state
+    (+ D x, gated by z). ssd_step's output; applied to ssd_chunked's final state it gives the last
+    position's y without the rest (the port's prefill needs no other: see model.forward).
+    state (b, h, p, n) float32, x (b, h, p), C (b, g, n)."""
+    b, h, p, n = state.shape
+    g = C.shape[-2]
+    y = jnp.einsum("bgrpn,bgn->bgrp", state.reshape(b, g, h // g, p, n), C.astype(jnp.float32))
+    return _skip_and_gate(y.reshape(b, h, p), x, D, z, x.dtype)
 
 
 def ssd_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None, dt_softplus=False,

@@ -223,6 +223,7 @@ def summarise(contenders: list[Contender]) -> list[dict]:
             pre = by_key[(c.impl, c.variant, "prefill16")]
             row["ms_per_token"] = 1e3 * (c.median_s - pre.median_s) / NEW_TOKENS
             row["prefill16_s"] = pre.median_s
+            row["prefill16_runs_s"] = pre.runs
         else:
             continue
         rows.append(row)
@@ -233,24 +234,38 @@ def ratios(rows: list[dict]) -> dict:
     def pick(impl, kind):
         return [r for r in rows if r["impl"] == impl and r["kind"] == kind]
 
-    ours = {r["variant"]: r["tokens_per_s"] for r in pick("builtin", "prefill")}
-    mj = {r["variant"]: r["tokens_per_s"] for r in pick("mamba2-jax", "prefill")}
-    tf = pick("transformers", "prefill")[0]["tokens_per_s"]
+    def decode_runs(row):  # ms/token of each round: that round's generate minus its 16-token prefill
+        return [1e3 * (g - p) / NEW_TOKENS
+                for g, p in zip(row["runs_s"], row["prefill16_runs_s"], strict=True)]
+
+    def per_round(ours_runs, other_runs, faster):  # both runs of one round, seconds apart
+        pairs = zip(ours_runs, other_runs, strict=True)
+        return [(t / u) if faster else (u / t) for u, t in pairs]
+
     out = {}
-    for v, tps in ours.items():
-        for mv, mtps in mj.items():
-            out[f"prefill {v} / mamba2-jax {mv}"] = (tps / mtps, TARGETS["prefill_vs_mamba2_jax"], ">=")
-        out[f"prefill {v} / transformers"] = (tps / tf, TARGETS["prefill_vs_transformers"], ">=")
-    ours_d = pick("builtin", "generate")[0]["ms_per_token"]
-    out["decode ms/token / transformers"] = (ours_d / pick("transformers", "generate")[0]["ms_per_token"],
-                                             TARGETS["decode_vs_transformers"], "<=")
-    out["decode ms/token / mamba2-jax"] = (ours_d / pick("mamba2-jax", "generate")[0]["ms_per_token"],
-                                           None, "")
+    tf = pick("transformers", "prefill")[0]
+    for o in pick("builtin", "prefill"):  # tokens/s ratio = the other's time / ours
+        for other, target in ([(mj, TARGETS["prefill_vs_mamba2_jax"]) for mj in pick("mamba2-jax", "prefill")]
+                              + [(tf, TARGETS["prefill_vs_transformers"])]):
+            name = "transformers" if other is tf else f"mamba2-jax {other['variant']}"
+            out[f"prefill {o['variant']} / {name}"] = (
+                o["tokens_per_s"] / other["tokens_per_s"], per_round(o["runs_s"], other["runs_s"], True),
+                target, ">=")
+    ours_d = pick("builtin", "generate")[0]
+    for impl, target, sense in (("transformers", TARGETS["decode_vs_transformers"], "<="),
+                                ("mamba2-jax", None, "")):
+        other = pick(impl, "generate")[0]
+        out[f"decode ms/token / {impl}"] = (
+            ours_d["ms_per_token"] / other["ms_per_token"],
+            per_round(decode_runs(ours_d), decode_runs(other), False), target, sense)
 
     def met(r, t, sense):
         return None if t is None else (r >= t if sense == ">=" else r <= t)
 
-    return {k: {"ratio": r, "target": t, "sense": s, "met": met(r, t, s)} for k, (r, t, s) in out.items()}
+    # the verdict is on the ratio of the medians; the per-round ratios (both runs of one round, seconds
+    # apart) show how far the machine's drift from round to round moves it
+    return {k: {"ratio": r, "per_round": pr, "target": t, "sense": s, "met": met(r, t, s)}
+            for k, (r, pr, t, s) in out.items()}
 
 
 def print_report(report: dict) -> None:
@@ -272,7 +287,9 @@ def print_report(report: dict) -> None:
     for k, v in report["ratios"].items():
         verdict = "met" if v["met"] else "NOT met"
         tgt = "" if v["target"] is None else f"target {v['sense']} {v['target']}: {verdict}"
-        print(f"  {k:<62} {v['ratio']:6.2f}x  {tgt}")
+        pr = sorted(v["per_round"])
+        spread = f"(rounds {pr[0]:.2f}-{pr[-1]:.2f}x, median {statistics.median(pr):.2f}x)"
+        print(f"  {k:<62} {v['ratio']:6.2f}x  {spread:<34} {tgt}")
     p, c = report["peaks"], report["ceilings"]
     print(f"\nceiling: measured fp32 matmul {p['xla_matmul_gflops']:.0f} GFLOP/s (XLA), "
           f"{p['torch_matmul_gflops']:.0f} GFLOP/s (torch) on {p['matmul_shape']}; the projections cost "

@@ -22,6 +22,7 @@ _JITTED = {
     "quadratic": jax.jit(ssd.ssd_quadratic, static_argnames=_STATIC),
 }
 _STEP = jax.jit(ssd.ssd_step, static_argnames=("dt_softplus", "dt_limit"))
+_READOUT = jax.jit(ssd.ssd_readout)
 FORMS = tuple(_JITTED)
 TIME_ARRAYS = ("x", "dt", "B", "C", "z")  # the arguments with an l axis (axis 1)
 
@@ -47,6 +48,14 @@ def run_steps(kw: dict) -> tuple[np.ndarray, np.ndarray]:
                          dt_softplus=kw["dt_softplus"], dt_limit=kw["dt_limit"])
         ys.append(np.asarray(y))
     return np.stack(ys, axis=1), np.asarray(state)
+
+
+def run_readout(state: np.ndarray, kw: dict) -> np.ndarray:
+    """ssd_readout of `state` at the last position of kw: that position's y, if `state` is the
+    state after it."""
+    z = kw["z"]
+    return np.asarray(_READOUT(state, kw["x"][:, -1], kw["C"][:, -1], D=kw["D"],
+                               z=None if z is None else z[:, -1]))
 
 
 def time_slice(kw: dict, lo: int, hi: int | None = None, **replace) -> dict:

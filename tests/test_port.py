@@ -85,6 +85,27 @@ def test_left_padded_batch_equals_reference_padding(trio):
             assert_within_budget(f"padded row {row} vs alone", p[row, pad:], alone, alone_o)
 
 
+def test_prefill_of_last_position_equals_full_forward(trio):
+    """With last_logits_only the last layer's gate, SSD output, gated norm and out_proj run for the
+    last position only (model.mixer_last_position): its logits and cache must be the full forward's,
+    with and without left padding, across a chunk boundary."""
+    port, _, _ = trio
+    cfg, params = port.cfg, port.params
+    ids = _ids(port, b=3, l=cfg.chunk_size + 7, seed=2)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :cfg.chunk_size + 1] = 0
+    for msk in (None, jnp.asarray(mask)):
+        with jax.default_matmul_precision("highest"):
+            full, full_cache, _ = m.forward(params, cfg, jnp.asarray(ids), msk)
+            last, cache, _ = m.forward(params, cfg, jnp.asarray(ids), msk, last_logits_only=True)
+        want = np.asarray(full[:, -1])
+        np.testing.assert_allclose(np.asarray(last), want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+        for got, exp in ((cache.conv, full_cache.conv), (cache.ssm, full_cache.ssm)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(exp), rtol=0,
+                                       atol=1e-6 * float(np.abs(np.asarray(exp)).max()))
+
+
 def test_jitted_equals_not_jitted():
     port = Mamba2Port().load(fixture_dir("tiny-g2"))
     ids = jnp.asarray(_ids(port, b=1, l=20))

@@ -91,6 +91,18 @@ def test_step_by_step_equals_chunked(inst):
         H.assert_close_by_budget(f"steps vs chunked: {what}", steps[i], chunked[i], ref[i], truth[i])
 
 
+@given(inst=ssd_instances())
+def test_readout_of_final_state_is_last_output(inst):
+    """ssd_readout of the chunked form's final state == its y at the last position: how the port's
+    prefill gets the last position's y without computing the others (model.mixer_last_position)."""
+    kw = inst.kwargs()
+    truth = H.oracle(kw)
+    y, state = H.run_form("chunked", kw, inst.chunk_size)
+    ref = H.torch_reference("chunked", kw, inst.chunk_size)
+    H.assert_close_by_budget("readout(final state) vs chunked y[:, -1]", H.run_readout(state, kw),
+                             y[:, -1], ref[0][:, -1], truth[0][:, -1])
+
+
 @given(inst=ssd_instances(), k=st.integers(-6, 6), coef=st.floats(-3.0, 3.0, allow_nan=False))
 def test_linearity_in_x(inst, k, coef):
     """y is linear in (x, initial state). Scaling both by 2**k is exact in floating point, so the
