@@ -264,7 +264,7 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
     if cache is None:
         cache = empty_cache(cfg, b, params["embed"].dtype)
 
-    convs, ssms, tap_dict = [], [], {}
+    conv_buf, ssm_buf, tap_dict = cache.conv, cache.ssm, {}
     if taps:
         tap_dict["embed"] = hidden
     for i, lp in enumerate(params["layers"]):
@@ -283,8 +283,10 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
         gated = mixer_gated_norm(cfg, lp, zxbcdt, y, spans=k_spans(lp["out_proj"]))
         out = mixer_out_proj(cfg, lp, gated)
         hidden = block_residual(cfg, hidden, out)
-        convs.append(conv_state)
-        ssms.append(ssm_state)
+        # into the stacked cache in place: the state's last fusion writes its slice (stacking a
+        # list copied every layer's state again; 130m prefill 1-2% faster, 4 interleaved runs)
+        conv_buf = conv_buf.at[i].set(conv_state)
+        ssm_buf = ssm_buf.at[i].set(ssm_state)
         if taps:
             t = f"layers.{i}"
             tap_dict |= {f"{t}.norm": whole(normed), f"{t}.mixer.in_proj": zxbcdt,
@@ -294,7 +296,7 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
     logits = lm_logits(cfg, params, normed[:, -1] if last_logits_only else normed)
     if taps:
         tap_dict |= {"norm_f": normed, "logits": logits}
-    return logits, Cache(jnp.stack(convs), jnp.stack(ssms)), tap_dict
+    return logits, Cache(conv_buf, ssm_buf), tap_dict
 
 
 def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
