@@ -51,9 +51,11 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_states, *, step: bool) -> N
         raise ShapeError(f"x: expected rank {nlead + 2} ({lead}, h, p), got shape {tuple(x.shape)}")
     *bl, h, p = x.shape
     bl = tuple(bl)
-    if B.ndim != nlead + 2:
-        raise ShapeError(f"B: expected rank {nlead + 2} ({lead}, g, n), got shape {tuple(B.shape)}")
-    g, n = B.shape[-2:]
+    grouped, grouped_name = (B, "B") if B is not None else (C, "C")  # ssd_readout has no B
+    if grouped.ndim != nlead + 2:
+        raise ShapeError(f"{grouped_name}: expected rank {nlead + 2} ({lead}, g, n), got shape "
+                         f"{tuple(grouped.shape)}")
+    g, n = grouped.shape[-2:]
     if g < 1 or h % g != 0:
         problems.append(f"g (n_groups) must divide h (heads): got g={g}, h={h}")
 
@@ -344,6 +346,7 @@ def ssd_readout(state, x, C, D=None, z=None):
     (+ D x, gated by z). ssd_step's output; applied to ssd_chunked's final state it gives the last
     position's y without the rest (the port's prefill needs no other: see model.forward).
     state (b, h, p, n) float32, x (b, h, p), C (b, g, n)."""
+    _validate(x, None, None, None, C, D, z, None, state, step=True)
     b, h, p, n = state.shape
     g = C.shape[-2]
     y = jnp.einsum("bgrpn,bgn->bgrp", state.reshape(b, g, h // g, p, n), C.astype(jnp.float32))

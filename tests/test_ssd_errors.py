@@ -128,3 +128,17 @@ def test_empty_sequence(form):
 ])
 def test_step_errors(name, value, fragments):
     raises_naming(ssd.ssd_step, *fragments, **step_args(**{name: value}))
+
+
+@pytest.mark.parametrize(("name", "value", "fragments"), [
+    ("state", np.zeros((B_, H, P + 1, N), np.float32),
+     ["state: expected shape (b, h, p, n) = (2, 4, 3, 5)", "got (2, 4, 4, 5)"]),
+    ("C", np.zeros((B_, 3, N), np.float32), ["g (n_groups) must divide h (heads)", "g=3", "h=4"]),
+    ("C", np.zeros((B_, N), np.float32), ["C: expected rank 3 (b, g, n)", "got shape (2, 5)"]),
+    ("z", np.zeros((B_, H), np.float32), ["z: expected shape (b, h, p) = (2, 4, 3)", "got (2, 4)"]),
+])
+def test_readout_errors(name, value, fragments):
+    a = step_args()
+    kw = dict(state=a["state"], x=a["x"], C=a["C"])
+    kw[name] = value
+    raises_naming(ssd.ssd_readout, *fragments, **kw)
