@@ -221,7 +221,9 @@ def summarise(contenders: list[Contender]) -> list[dict]:
             row["tokens_per_s"] = PREFILL_LEN / c.median_s
         elif c.kind == "generate":
             pre = by_key[(c.impl, c.variant, "prefill16")]
-            row["ms_per_token"] = 1e3 * (c.median_s - pre.median_s) / NEW_TOKENS
+            ms_per_token = lambda gen_s, pre_s: 1e3 * (gen_s - pre_s) / NEW_TOKENS  # noqa: E731
+            row["ms_per_token"] = ms_per_token(c.median_s, pre.median_s)
+            row["ms_per_token_runs"] = [ms_per_token(g, p) for g, p in zip(c.runs, pre.runs, strict=True)]
             row["prefill16_s"] = pre.median_s
             row["prefill16_runs_s"] = pre.runs
         else:
@@ -233,10 +235,6 @@ def summarise(contenders: list[Contender]) -> list[dict]:
 def ratios(rows: list[dict]) -> dict:
     def pick(impl, kind):
         return [r for r in rows if r["impl"] == impl and r["kind"] == kind]
-
-    def decode_runs(row):  # ms/token of each round: that round's generate minus its 16-token prefill
-        return [1e3 * (g - p) / NEW_TOKENS
-                for g, p in zip(row["runs_s"], row["prefill16_runs_s"], strict=True)]
 
     def per_round(ours_runs, other_runs, faster):  # both runs of one round, seconds apart
         pairs = zip(ours_runs, other_runs, strict=True)
@@ -257,7 +255,7 @@ def ratios(rows: list[dict]) -> dict:
         other = pick(impl, "generate")[0]
         out[f"decode ms/token / {impl}"] = (
             ours_d["ms_per_token"] / other["ms_per_token"],
-            per_round(decode_runs(ours_d), decode_runs(other), False), target, sense)
+            per_round(ours_d["ms_per_token_runs"], other["ms_per_token_runs"], False), target, sense)
 
     def met(r, t, sense):
         return None if t is None else (r >= t if sense == ">=" else r <= t)
