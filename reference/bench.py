@@ -241,11 +241,11 @@ def ratios(rows: list[dict]) -> dict:
         return [(t / u) if faster else (u / t) for u, t in pairs]
 
     out = {}
-    tf = pick("transformers", "prefill")[0]
+    others = ([(f"mamba2-jax {mj['variant']}", mj, TARGETS["prefill_vs_mamba2_jax"])
+               for mj in pick("mamba2-jax", "prefill")]
+              + [("transformers", pick("transformers", "prefill")[0], TARGETS["prefill_vs_transformers"])])
     for o in pick("builtin", "prefill"):  # tokens/s ratio = the other's time / ours
-        for other, target in ([(mj, TARGETS["prefill_vs_mamba2_jax"]) for mj in pick("mamba2-jax", "prefill")]
-                              + [(tf, TARGETS["prefill_vs_transformers"])]):
-            name = "transformers" if other is tf else f"mamba2-jax {other['variant']}"
+        for name, other, target in others:
             out[f"prefill {o['variant']} / {name}"] = (
                 o["tokens_per_s"] / other["tokens_per_s"], per_round(o["runs_s"], other["runs_s"], True),
                 target, ">=")
