@@ -171,6 +171,14 @@ def _xbc_dt(cfg, zxbcdt):
     return zxbcdt[..., -(cfg.conv_dim + h):-h], zxbcdt[..., -h:]
 
 
+def _x_b_c(cfg, conv_out):
+    """The conv output (..., conv_dim) split into the SSD's x (..., h, p), B and C (..., g, n)."""
+    g, n = cfg.n_groups, cfg.d_state
+    x, B, C = _split(conv_out, (cfg.d_inner, g * n, g * n))
+    lead = conv_out.shape[:-1]
+    return x.reshape(*lead, cfg.n_heads, cfg.head_dim), B.reshape(*lead, g, n), C.reshape(*lead, g, n)
+
+
 def mixer_conv(cfg, lp, zxbcdt, mask, conv_state):
     xBC, _ = _xbc_dt(cfg, zxbcdt)
     out, new_state = causal_conv(xBC, lp["conv_w"], lp.get("conv_b"), conv_state)
@@ -179,14 +187,12 @@ def mixer_conv(cfg, lp, zxbcdt, mask, conv_state):
 
 def mixer_ssm(cfg, lp, zxbcdt, conv_out, ssm_state, chunk_size):
     b, l, _ = conv_out.shape
-    g, n, h, p = cfg.n_groups, cfg.d_state, cfg.n_heads, cfg.head_dim
     _, dt = _xbc_dt(cfg, zxbcdt)
-    x, B, C = _split(conv_out, (cfg.d_inner, g * n, g * n))
+    x, B, C = _x_b_c(cfg, conv_out)
     A = -jnp.exp(lp["A_log"].astype(f32))
-    y, final = ssd_chunked(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, g, n), C.reshape(b, l, g, n),
-                           chunk_size, initial_states=ssm_state, return_final_states=True,
-                           **_ssd_args(cfg, lp))
-    return y.reshape(b, l, h * p), final  # b l e
+    y, final = ssd_chunked(x, dt, A, B, C, chunk_size, initial_states=ssm_state,
+                           return_final_states=True, **_ssd_args(cfg, lp))
+    return y.reshape(b, l, cfg.d_inner), final  # b l e
 
 
 def mixer_last_position(cfg, lp, normed, mask, conv_state, ssm_state, chunk_size):
@@ -196,7 +202,7 @@ def mixer_last_position(cfg, lp, normed, mask, conv_state, ssm_state, chunk_size
     The conv and the SSD still run over every position, since the cache covers them all, but the
     gate z is projected for the last position only, and y is read out of the SSD's final state
     (equiv.ssd.ssd_readout), so the SSD's outputs at the other positions are never computed."""
-    d, g, n, h, p = cfg.d_inner, cfg.n_groups, cfg.d_state, cfg.n_heads, cfg.head_dim
+    d = cfg.d_inner
     masked = _masked(normed, mask)
     w, bias = lp["in_proj"], lp.get("in_proj_bias")
 
@@ -209,10 +215,9 @@ def mixer_last_position(cfg, lp, normed, mask, conv_state, ssm_state, chunk_size
     z = linear(last, *columns(0, d))
     conv_out, conv_state = mixer_conv(cfg, lp, xbcdt, mask, conv_state)
     _, ssm_state = mixer_ssm(cfg, lp, xbcdt, conv_out, ssm_state, chunk_size)  # its y is unused: dropped
-    b = conv_out.shape[0]
-    x, _, C = _split(conv_out[:, -1], (d, g * n, g * n))
-    y = ssd_readout(ssm_state, x.reshape(b, h, p), C.reshape(b, g, n), lp["D"])
-    return y.reshape(b, 1, d), z, conv_state, ssm_state
+    x, _, C = _x_b_c(cfg, conv_out[:, -1])
+    y = ssd_readout(ssm_state, x, C, lp["D"])
+    return y.reshape(conv_out.shape[0], 1, d), z, conv_state, ssm_state
 
 
 def mixer_gated_norm(cfg, lp, zxbcdt, y, spans=None):
@@ -303,7 +308,7 @@ def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
     """One token per sequence, tokens (b,) -> (logits (b, v), cache). Constant work per token:
     independent of the position and of chunk_size (no padding of one token to a chunk)."""
     hidden = embed(params, tokens)  # b d
-    h, p, g, n = cfg.n_heads, cfg.head_dim, cfg.n_groups, cfg.d_state
+    h, p = cfg.n_heads, cfg.head_dim
     b = tokens.shape[0]
     convs, ssms = [], []
     for i, lp in enumerate(params["layers"]):
@@ -311,10 +316,9 @@ def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
         zxbcdt = linear(normed, lp["in_proj"], lp.get("in_proj_bias"))  # b in_dim
         z, xBC, dt = _split(zxbcdt, (cfg.d_inner, cfg.conv_dim, h))
         conv_out, conv_state = causal_conv(xBC[:, None], lp["conv_w"], lp.get("conv_b"), cache.conv[i])
-        x, B, C = _split(conv_out[:, 0], (cfg.d_inner, g * n, g * n))
+        x, B, C = _x_b_c(cfg, conv_out[:, 0])
         A = -jnp.exp(lp["A_log"].astype(f32))
-        y, ssm_state = ssd_step(cache.ssm[i], x.reshape(b, h, p), dt, A, B.reshape(b, g, n),
-                                C.reshape(b, g, n), **_ssd_args(cfg, lp))
+        y, ssm_state = ssd_step(cache.ssm[i], x, dt, A, B, C, **_ssd_args(cfg, lp))
         gated = gated_rms_norm(y.reshape(b, h * p), z, lp["gnorm"], cfg.norm_eps, cfg.n_groups,
                                spans=k_spans(lp["out_proj"]))
         out = linear(gated, lp["out_proj"], lp.get("out_proj_bias"))
