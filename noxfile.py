@@ -31,7 +31,7 @@ def install_mamba_ssm(session: nox.Session) -> None:
     """mamba_ssm's pure-torch references on a CPU machine. Its PyPI release is a source
     distribution: MAMBA_FORCE_BUILD skips the prebuilt-wheel download (which fails offline), and it
     must build against the torch already installed (--no-build-isolation). Without CUDA only its
-    Python files are usable; reference/mamba_ssm_refs.py imports them without its __init__."""
+    Python files are usable; equiv_reference/mamba_ssm_refs.py imports them without its __init__."""
     session.install(*CONSTRAINTS, "einops", "triton", "setuptools", "wheel", "packaging", "ninja")
     session.install("--no-build-isolation", "--no-deps", MAMBA_SSM,
                     env={"MAMBA_FORCE_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE"})
@@ -64,7 +64,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff over the project."""
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "equiv", "reference", "tests", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "equiv", "equiv_reference", "tests", "noxfile.py", *session.posargs)
 
 
 @nox.session(python="3.11", default=False)
@@ -72,11 +72,11 @@ def fixtures(session: nox.Session) -> None:
     """Regenerate fixtures/ (tiny checkpoints, golden reference outputs, manifest) with fixed seeds.
     The trained checkpoint is only retrained with `-- --retrain` (about 12 minutes on 2 cores)."""
     install_project(session, "reference", "test")
-    session.run("python", "-m", "reference.make_fixtures", "--out", "fixtures")
+    session.run("python", "-m", "equiv_reference.make_fixtures", "--out", "fixtures")
     if "--retrain" in session.posargs:
-        session.run("python", "-m", "reference.train_byte_model", "--out", "fixtures/trained-bytes")
-    session.run("python", "-m", "reference.golden", "--out", "fixtures/golden")
-    session.run("python", "-m", "reference.manifest")
+        session.run("python", "-m", "equiv_reference.train_byte_model", "--out", "fixtures/trained-bytes")
+    session.run("python", "-m", "equiv_reference.golden", "--out", "fixtures/golden")
+    session.run("python", "-m", "equiv_reference.manifest")
 
 
 @nox.session(python="3.11", default=False)
@@ -84,11 +84,11 @@ def bench(session: nox.Session) -> None:
     """Prefill tokens/s and decode ms/token of this port against transformers and mamba2-jax 1.1.2 on
     a 130m-shaped model, one run, same machine. Prints figures; asserts nothing."""
     install_project(session, "reference", "mamba2-jax")
-    session.run("python", "-m", "reference.bench", *session.posargs)
+    session.run("python", "-m", "equiv_reference.bench", *session.posargs)
 
 
 @nox.session(python=False, default=False)
 def gpu(session: nox.Session) -> None:
     """On a GPU machine whose Python already has CUDA torch and CUDA jax: the equivalence checks
     against mamba_ssm's Triton kernels and the GPU benchmark, in the current environment."""
-    session.run("python", "-m", "reference.gpu_run", *session.posargs)
+    session.run("python", "-m", "equiv_reference.gpu_run", *session.posargs)

@@ -208,7 +208,7 @@ def reference_loader(golden: bool, golden_dir: Path):
         from equiv.golden import GoldenRunner
 
         return lambda path, dtype: GoldenRunner(golden_dir / Path(path).name / f"transformers-{dtype}")
-    from reference.registry import load_reference
+    from equiv_reference.registry import load_reference
 
     return lambda path, dtype: load_reference("transformers", path, dtype)
 

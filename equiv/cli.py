@@ -130,7 +130,7 @@ def load_port(spec: str, checkpoint: Path, dtype: str):
 
 
 def load_reference(spec: str, checkpoint: Path, dtype: str):
-    """A registry name (reference.registry.load_reference) or `module:attr`, attr a callable
+    """A registry name (equiv_reference.registry.load_reference) or `module:attr`, attr a callable
     (checkpoint_dir, dtype) -> runner with run(ids, mask) and provenance()."""
     if ":" in spec:
         module_name, attr = spec.split(":", 1)
@@ -142,9 +142,9 @@ def load_reference(spec: str, checkpoint: Path, dtype: str):
     if spec not in REFERENCES:
         raise UsageError(f"reference: expected one of {list(REFERENCES)} or 'module:attr', got {spec!r}")
     try:
-        from reference.registry import load_reference as load
+        from equiv_reference.registry import load_reference as load
     except ImportError as e:
-        raise UsageError(f"reference {spec!r}: cannot import reference.registry ({e}); "
+        raise UsageError(f"reference {spec!r}: cannot import equiv_reference.registry ({e}); "
                          f"install the extra: pip install 'ssm-equiv[reference]'") from None
     return load(spec, checkpoint, dtype)
 

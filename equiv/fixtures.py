@@ -1,5 +1,5 @@
 """The bundled fixtures and their integrity: fixtures/<name>/ directories listed, with a sha256 and
-size per file, in fixtures/manifest.json (written by `python -m reference.manifest`).
+size per file, in fixtures/manifest.json (written by `python -m equiv_reference.manifest`).
 
 A fixture that does not match its manifest entry (a changed, missing or extra file) raises
 `FixtureIntegrityError` naming every offending file with the expected and actual sha256, before
@@ -61,7 +61,7 @@ def read_manifest(root: str | Path | None = None) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise FixtureIntegrityError(f"fixtures manifest: expected {path}, it does not exist "
-                                    "(write it with `python -m reference.manifest`)") from None
+                                    "(write it with `python -m equiv_reference.manifest`)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FixtureIntegrityError(f"fixtures manifest {path}: expected valid JSON, got "
                                     f"{type(e).__name__}: {e}") from None

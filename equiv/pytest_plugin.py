@@ -29,7 +29,7 @@ def _check(checkpoint, port="builtin", reference="transformers", dtype="float32"
     from equiv.layerwise import run_layerwise
     from equiv.ports import resolve_port
     from equiv.report import terminal_table
-    from reference.registry import load_reference
+    from equiv_reference.registry import load_reference
 
     model = resolve_port(port).load(checkpoint, dtype)
     vocab = model.cfg.vocab_size if hasattr(model, "cfg") else None

@@ -71,12 +71,12 @@ def time_slice(kw: dict, lo: int, hi: int | None = None, **replace) -> dict:
 
 @functools.cache
 def oracles():
-    """reference.ssd_oracles, with torch on one thread (xdist runs one worker per core, and these
+    """equiv_reference.ssd_oracles, with torch on one thread (xdist runs one worker per core, and these
     tensors are too small for intra-op threads to pay)."""
     import torch
 
     torch.set_num_threads(1)
-    from reference import ssd_oracles
+    from equiv_reference import ssd_oracles
 
     return ssd_oracles
 

@@ -32,7 +32,7 @@ def long_strong_decay():
     import torch
 
     torch.set_num_threads(1)
-    from reference import ssd_oracles
+    from equiv_reference import ssd_oracles
 
     rng = np.random.default_rng(0)
     b, l, h, p, n, g = 1, 1000, 8, 32, 32, 1

@@ -1,6 +1,6 @@
 """The bundled fixtures: the manifest covers and matches them, a corrupted copy is caught with the
 file named, the tiny checkpoints and the golden recordings regenerate bit-identically, and the tiny
-checkpoints are randomised the way reference/make_fixtures.py says (not transformers' default init)."""
+checkpoints are randomised the way equiv_reference/make_fixtures.py says (not transformers' default init)."""
 
 from __future__ import annotations
 
@@ -40,10 +40,10 @@ def test_manifest_lists_every_fixture_directory_and_all_match():
 
 
 def test_manifest_is_up_to_date_and_deterministic():
-    from reference.manifest import build_manifest
+    from equiv_reference.manifest import build_manifest
 
     text = json.dumps(build_manifest(fixtures_root()), indent=1, sort_keys=True) + "\n"
-    assert text == (fixtures_root() / MANIFEST).read_text(), "run `python -m reference.manifest`"
+    assert text == (fixtures_root() / MANIFEST).read_text(), "run `python -m equiv_reference.manifest`"
 
 
 def test_every_fixture_records_its_generator_and_versions():
@@ -93,12 +93,12 @@ def test_missing_and_extra_files_are_all_reported_at_once(tmp_path):
 def test_unknown_fixture_and_missing_manifest(tmp_path):
     with pytest.raises(UnknownFixture, match="tiny-g1"):
         fixture_dir("no-such-fixture")
-    with pytest.raises(FixtureIntegrityError, match="reference.manifest"):
+    with pytest.raises(FixtureIntegrityError, match="equiv_reference.manifest"):
         list_fixtures(tmp_path)
 
 
 def test_manifest_takes_generator_records_from_the_fixture_directories(tmp_path):
-    from reference.manifest import build_manifest
+    from equiv_reference.manifest import build_manifest
 
     (tmp_path / "made").mkdir()
     (tmp_path / "made" / "w.bin").write_bytes(b"\x00")
@@ -113,13 +113,13 @@ def test_manifest_takes_generator_records_from_the_fixture_directories(tmp_path)
     assert sorted(fx) == ["bare", "made", "trained"]
     assert fx["made"]["generator"]["seed"] == 3
     assert (fx["trained"]["generator"]["generator"], fx["trained"]["generator"]["seed"]) == (
-        "reference.train_byte_model", 7)
+        "equiv_reference.train_byte_model", 7)
     assert fx["bare"]["generator"]["generator"] == "unknown"
 
 
 def test_tiny_fixtures_regenerate_bit_identically(tmp_path):
     pytest.importorskip("torch")
-    from reference import make_fixtures
+    from equiv_reference import make_fixtures
 
     recorded = read_manifest()["fixtures"]
     current = make_fixtures.fixture_versions()
@@ -134,13 +134,13 @@ def test_tiny_fixtures_regenerate_bit_identically(tmp_path):
 
 
 def test_golden_recording_regenerates_bit_identically(tmp_path):
-    """`nox -s fixtures` runs `python -m reference.golden`; run the same, in a fresh process (torch
+    """`nox -s fixtures` runs `python -m equiv_reference.golden`; run the same, in a fresh process (torch
     fixes its CPU kernels at its first op), for tiny-g1 (the cheapest fixture, ~15 s; all of them
     take ~100 s), and require the committed bytes, unless generator.json says other versions."""
     pytest.importorskip("torch")
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "reference.golden", "--out", str(tmp_path), "--fixture",
+    done = subprocess.run([sys.executable, "-m", "equiv_reference.golden", "--out", str(tmp_path), "--fixture",
                            "tiny-g1"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     golden = fixtures_root() / "golden"

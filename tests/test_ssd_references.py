@@ -1,7 +1,7 @@
 """Each JAX SSD form against the torch references (mamba_ssm's pure-torch functions, transformers'
 chunk scan), by the error budget against the float64 oracle; the oracle itself cross-checked
 against mamba_ssm's chunked reference run in float64; and the mamba_ssm loader's sys.modules
-hygiene, on which the transformers reference depends (reference/mamba_ssm_refs.py)."""
+hygiene, on which the transformers reference depends (equiv_reference/mamba_ssm_refs.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 
 from equiv.strategies import ssd_instances
-from reference.mamba_ssm_refs import MambaSsmUnavailable, load_mamba_ssm_refs, mamba_ssm_installed
+from equiv_reference.mamba_ssm_refs import MambaSsmUnavailable, load_mamba_ssm_refs, mamba_ssm_installed
 from tests import ssd_harness as H
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
@@ -106,7 +106,7 @@ def test_forms_vs_transformers_chunk_scan(inst):
 
 
 # ---------------------------------------------------------------------------------------------
-# the loader (reference/mamba_ssm_refs.py)
+# the loader (equiv_reference/mamba_ssm_refs.py)
 
 
 def _mamba_modules():
@@ -118,7 +118,7 @@ def _mamba_modules():
 def test_loader_leaves_sys_modules_as_found():
     """After loading, `import mamba_ssm` behaves as before: on a machine without the CUDA
     extension it still fails, which is what keeps transformers on its torch path."""
-    from reference import mamba_ssm_refs
+    from equiv_reference import mamba_ssm_refs
 
     before = _mamba_modules()
     refs = mamba_ssm_refs._load()  # uncached: really registers and unregisters the package
@@ -170,7 +170,7 @@ def test_loader_leaves_transformers_on_its_torch_fallback():
 
 
 def test_loader_names_the_install_command_when_missing(monkeypatch):
-    from reference import mamba_ssm_refs
+    from equiv_reference import mamba_ssm_refs
 
     monkeypatch.setattr(mamba_ssm_refs.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MambaSsmUnavailable, match="MAMBA_SKIP_CUDA_BUILD=TRUE"):

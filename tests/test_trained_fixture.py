@@ -1,4 +1,4 @@
-"""The trained byte-level fixture (fixtures/trained-bytes, written by `reference.train_byte_model`): it
+"""The trained byte-level fixture (fixtures/trained-bytes, written by `equiv_reference.train_byte_model`): it
 loads through transformers' torch fallback, is the size the design says, and greedy-decodes today what it
 decoded when it was trained. A changed checkpoint, a changed transformers or a broken torch shows up here.
 No training: ~2 s of loading and five 64-token decodes."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reference import byte_tokenizer as tok
+from equiv_reference import byte_tokenizer as tok
 
 FIXTURE = Path(__file__).resolve().parent.parent / "fixtures" / "trained-bytes"
 MAX_BYTES = 10 * 2**20
@@ -30,9 +30,9 @@ def model():
     pytest.importorskip("transformers")
     import torch
 
-    # greedy_decode runs every forward under reference.provenance.DispatchRecorder: torch bodies only,
+    # greedy_decode runs every forward under equiv_reference.provenance.DispatchRecorder: torch bodies only,
     # whichever module imported transformers' Mamba-2 first.
-    from reference.train_byte_model import import_mamba2_fallback, set_determinism
+    from equiv_reference.train_byte_model import import_mamba2_fallback, set_determinism
 
     _, Mamba2ForCausalLM, _ = import_mamba2_fallback()
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
@@ -76,7 +76,7 @@ def test_training_reached_its_target(record):
 
 
 def test_greedy_decodes_reproduce_the_record(model, record):
-    from reference.train_byte_model import greedy_decode
+    from equiv_reference.train_byte_model import greedy_decode
 
     assert len(record["decodes"]) >= 4
     problems = []

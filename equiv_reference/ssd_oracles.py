@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from equiv.ssd import DEFAULT_DT_LIMIT
-from reference.mamba_ssm_refs import load_mamba_ssm_refs
+from equiv_reference.mamba_ssm_refs import load_mamba_ssm_refs
 
 _DTYPES = (torch.float32, torch.float64)
 

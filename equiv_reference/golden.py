@@ -1,6 +1,6 @@
 """Record the reference's outputs for the main job's inputs:
 
-    python -m reference.golden --out fixtures/golden
+    python -m equiv_reference.golden --out fixtures/golden
 
 Runs exactly what `equiv check` runs (equiv/check.py `check_fixture`, same plan, same seeds) with
 the live transformers runners wrapped in recorders, and writes one recording per fixture and dtype:
@@ -21,8 +21,8 @@ from equiv.check import check_fixture
 from equiv.fixtures import fixture_dir, list_fixtures
 from equiv.golden import RecordingRunner, save_recording
 from equiv.ports import resolve_port
-from reference.provenance import versions
-from reference.registry import load_reference
+from equiv_reference.provenance import versions
+from equiv_reference.registry import load_reference
 
 PINNED_CPU_CAPABILITY = "avx2"
 
@@ -43,7 +43,7 @@ def pin_cpu_kernels() -> str:
 def generator_record() -> dict:
     """generator.json: what made the recordings; a regeneration is bit-identical when it matches."""
     capability = pin_cpu_kernels()
-    return {"generator": "python -m reference.golden", "seed": 0,
+    return {"generator": "python -m equiv_reference.golden", "seed": 0,
             "versions": versions() | {"torch_cpu_capability": capability}}
 
 

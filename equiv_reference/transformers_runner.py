@@ -7,7 +7,7 @@ never by editing it. Mirrors `Mamba2Mixer.forward` / `Mamba2Block.forward` of
 transformers/models/mamba2/modeling_mamba2.py.
 
 Float64 is the oracle: transformers casts to float32 internally whatever the model dtype
-(reference/float64_oracle.py lists where), so float64 runs go through `Float64Lift` unless
+(equiv_reference/float64_oracle.py lists where), so float64 runs go through `Float64Lift` unless
 `lift_float32_casts=False` asks for the library's literal behaviour.
 """
 
@@ -23,9 +23,9 @@ from equiv.errors import CheckpointError, ConfigError, EquivError
 from equiv.inputs import check_tokens
 from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult
-from reference import provenance as prov
-from reference.float64_oracle import Float64Lift
-from reference.torch_taps import tap_modules, to_numpy
+from equiv_reference import provenance as prov
+from equiv_reference.float64_oracle import Float64Lift
+from equiv_reference.torch_taps import tap_modules, to_numpy
 
 # ---------------------------------------------------------------------------------------------
 # The tap map for Mamba-2: canonical tap -> (module of Mamba2ForCausalLM, what is captured).

@@ -50,7 +50,7 @@ class _BlockKernelPackages(importlib.abc.MetaPathFinder):
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname.split(".")[0] in KERNEL_PACKAGES:
-            raise ModuleNotFoundError(f"{fullname} hidden by reference.provenance: the reference runs "
+            raise ModuleNotFoundError(f"{fullname} hidden by equiv_reference.provenance: the reference runs "
                                       "transformers' torch fallback path", name=fullname)
         return None
 
@@ -82,7 +82,7 @@ def import_modeling_mamba2():
         installed = {p: _installed(p) for p in KERNEL_PACKAGES}
         with kernel_packages_hidden():
             mm = importlib.import_module(MODULE)
-        _IMPORT_RECORD.update(first_import="reference.provenance (kernel packages hidden)",
+        _IMPORT_RECORD.update(first_import="equiv_reference.provenance (kernel packages hidden)",
                               kernel_packages_installed=installed)
     else:
         mm = sys.modules[MODULE]
@@ -126,7 +126,7 @@ class DispatchRecorder:
         body = getattr(self._wrappers[name], "__wrapped__", None)
         if body is None:
             raise RuntimeError(f"modeling_mamba2.{name} has no __wrapped__ torch body: transformers "
-                               "changed how it binds kernels; update reference/provenance.py")
+                               "changed how it binds kernels; update equiv_reference/provenance.py")
         return body
 
     def _shim(self, name):

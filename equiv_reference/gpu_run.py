@@ -1,4 +1,4 @@
-"""GPU run (`nox -s gpu`, or `python -m reference.gpu_run --out DIR`): what CI cannot do.
+"""GPU run (`nox -s gpu`, or `python -m equiv_reference.gpu_run --out DIR`): what CI cannot do.
 
 1. SSD equivalence on the GPU: equiv.ssd.ssd_chunked (JAX, matmul precision "highest" and JAX's GPU
    default, which runs float32 matmuls as TF32: known-bugs.md row 11) and mamba_ssm's Triton
@@ -9,7 +9,7 @@
 3. Speed: prefill tokens/s (L=2048, batch 1) and decode ms/token (16-token prompt, 64 new tokens,
    greedy, whole loop on device) of the built-in port on 130m- and 2.7b-shaped random models,
    float32 and bfloat16.
-4. mamba_ssm (reference/gpu_mamba_ssm.py): the built-in port against mamba_ssm's MambaLMHeadModel
+4. mamba_ssm (equiv_reference/gpu_mamba_ssm.py): the built-in port against mamba_ssm's MambaLMHeadModel
    (layer-wise, accumulated, float32) and greedy decode against mamba_ssm's generate, every fixture;
    also written alone to mamba-ssm-report.json.
 
@@ -57,8 +57,8 @@ def ssd_section(quick: bool) -> list[dict]:
 
     from equiv.compare import compare_tap
     from equiv.ssd import ssd_chunked
-    from reference import ssd_oracles
-    from reference.provenance import bound_implementation, import_modeling_mamba2
+    from equiv_reference import ssd_oracles
+    from equiv_reference.provenance import bound_implementation, import_modeling_mamba2
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -153,7 +153,7 @@ def model_section(fixtures_root: Path) -> list[dict]:
     from equiv.fixtures import list_fixtures
     from equiv.layerwise import run_layerwise
     from equiv.mamba2.port import Mamba2Port
-    from reference.registry import load_reference
+    from equiv_reference.registry import load_reference
 
     rows = []
     for name in list_fixtures():
@@ -284,7 +284,7 @@ def speed_section(quick: bool) -> list[dict]:
 
 
 def mamba_ssm_section(fixtures_root: Path, out: Path, only: list[str]) -> dict:
-    from reference.gpu_mamba_ssm import mamba_ssm_section as section
+    from equiv_reference.gpu_mamba_ssm import mamba_ssm_section as section
 
     return section(fixtures_root, out, only=only or None)
 

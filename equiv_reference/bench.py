@@ -1,7 +1,7 @@
 """CPU benchmark: prefill tokens/s and decode ms/token of the built-in port against transformers
 (torch fallback path) and mamba2-jax 1.1.2, on a 130m-shaped Mamba-2, in one process on one machine.
 
-    python -m reference.bench [--quick] [--json bench.json] [--wait-idle 300]
+    python -m equiv_reference.bench [--quick] [--json bench.json] [--wait-idle 300]
 
 Method. Prefill: batch 1, L=512, a forward over the prompt returning the next-token logits and the
 cache. Decode: greedy, 32 new tokens after a 16-token prompt; ms/token = (generate time - prefill
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from reference.bench_model import (
+from equiv_reference.bench_model import (
     BENCH_130M,
     DEFAULT_CACHE,
     PREFILL_LEN,
@@ -128,7 +128,7 @@ def mamba2_jax_contenders(ckpt: Path, prefill_ids, prompt) -> list[Contender]:
 def transformers_contenders(ckpt: Path, prefill_ids, prompt):
     import torch
 
-    from reference.provenance import DispatchRecorder, import_modeling_mamba2
+    from equiv_reference.provenance import DispatchRecorder, import_modeling_mamba2
 
     mm = import_modeling_mamba2()
     model = mm.Mamba2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()

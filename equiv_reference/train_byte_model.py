@@ -1,9 +1,9 @@
 """Train the small byte-level Mamba-2 fixture: transformers `Mamba2ForCausalLM`, torch fallback path,
 CPU, float32, on the Python standard library's own source (text every Python install ships).
 
-    python -m reference.train_byte_model --out fixtures/trained-bytes         # the fixture
-    python -m reference.train_byte_model --probe 5 --batch 16 --seq-len 256   # time 5 steps, write nothing
-    python -m reference.train_byte_model --redecode fixtures/trained-bytes    # redo decodes + margins only
+    python -m equiv_reference.train_byte_model --out fixtures/trained-bytes         # the fixture
+    python -m equiv_reference.train_byte_model --probe 5 --batch 16 --seq-len 256   # time 5 steps, write nothing
+    python -m equiv_reference.train_byte_model --redecode fixtures/trained-bytes    # redo decodes + margins only
 
 Why trained: greedy decodes of a random-weight model are dominated by near-ties (top-1/top-2 logit
 margins ~1e-3), so a port that is correct to float32 rounding can still flip a token. A trained model's
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from reference import byte_tokenizer as tok
-from reference import provenance as prov
+from equiv_reference import byte_tokenizer as tok
+from equiv_reference import provenance as prov
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,7 +76,7 @@ N_NEW_TOKENS = 64
 
 
 def import_mamba2_fallback():
-    """transformers' Mamba-2, imported through `reference.provenance` (kernel packages hidden on first
+    """transformers' Mamba-2, imported through `equiv_reference.provenance` (kernel packages hidden on first
     import). Returns (Mamba2Config, Mamba2ForCausalLM, modeling_mamba2 module). Every forward of this
     module then runs inside `prov.DispatchRecorder`, which calls the torch bodies and counts the calls,
     so the training record says what ran, not what was hoped."""
@@ -294,9 +294,9 @@ def main(argv=None) -> int:
     model.save_pretrained(args.out, safe_serialization=True)
     record = {
         "what": "byte-level Mamba-2 (transformers Mamba2ForCausalLM) trained on CPU on the Python "
-                "standard library's top-level *.py; written by `python -m reference.train_byte_model`",
+                "standard library's top-level *.py; written by `python -m equiv_reference.train_byte_model`",
         "train_config": asdict(cfg), "model_config": MODEL_KW, "parameters": param_count(model),
-        "tokenizer": {"module": "reference.byte_tokenizer", "vocab_size": tok.VOCAB_SIZE,
+        "tokenizer": {"module": "equiv_reference.byte_tokenizer", "vocab_size": tok.VOCAB_SIZE,
                       "ids_used": tok.N_IDS_USED, "bos": tok.BOS_ID, "eos": tok.EOS_ID, "pad": tok.PAD_ID,
                       "file_separator": "eos"},
         "reference_path": {"import": prov.import_record(), "training_dispatch": dispatch},

@@ -1,15 +1,15 @@
 """Write fixtures/manifest.json: every fixture directory, every file's sha256 and size, and how the
 fixture was produced.
 
-    python -m reference.manifest [--root fixtures]
+    python -m equiv_reference.manifest [--root fixtures]
 
 Every directory under the root is a fixture, including ones other scripts write later
 (fixtures/trained-bytes/, fixtures/golden/); empty directories are skipped. Per fixture the
 "generator" record says which script and seed produced it and with which python / torch /
 transformers, read from, in order:
-  1. <dir>/generator.json   (reference.make_fixtures writes one; other generators should too:
+  1. <dir>/generator.json   (equiv_reference.make_fixtures writes one; other generators should too:
                              {"generator": "python -m ...", "seed": ..., "versions": {...}})
-  2. <dir>/training.json    (reference.train_byte_model's record)
+  2. <dir>/training.json    (equiv_reference.train_byte_model's record)
   3. the previous manifest's record for that fixture
   4. otherwise an explicit "unknown" record.
 Output is deterministic (sorted keys, no timestamps), so an unchanged tree rewrites the same bytes.
@@ -29,7 +29,7 @@ _VERSION_KEYS = ("python", "torch", "transformers", "numpy", "safetensors", "mam
 
 
 def _from_training(record: dict) -> dict:
-    return {"generator": "reference.train_byte_model",
+    return {"generator": "equiv_reference.train_byte_model",
             "seed": record.get("train_config", {}).get("seed"),
             "params": {"model_config": record.get("model_config"),
                        "train_config": record.get("train_config")},

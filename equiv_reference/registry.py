@@ -1,7 +1,7 @@
 """Reference runners by name: what `equiv diff --reference NAME` and the main job load.
 
-    transformers   transformers `Mamba2ForCausalLM`, torch fallback path (reference/transformers_runner.py)
-    mamba_ssm      mamba_ssm `MambaLMHeadModel`, Triton kernels on CUDA (reference/mamba_ssm_runner.py)
+    transformers   transformers `Mamba2ForCausalLM`, torch fallback path (equiv_reference/transformers_runner.py)
+    mamba_ssm      mamba_ssm `MambaLMHeadModel`, Triton kernels on CUDA (equiv_reference/mamba_ssm_runner.py)
 
 The float64 oracle of either is transformers' model in float64 (`load_oracle`): mamba_ssm's Triton
 kernels have no float64 path, and the two models compute the same math. `load_reference(NAME, dir,
@@ -50,10 +50,10 @@ def load_reference(name: str, checkpoint_dir: str | Path, dtype: str = "float32"
                 "reference 'mamba_ssm': MambaLMHeadModel runs mamba_ssm's Triton/CUDA kernels and needs a "
                 f"CUDA GPU; this machine has none (torch {torch.__version__}, torch.cuda.is_available() is "
                 "False). Use --reference transformers here, or run on a GPU machine (nox -s gpu)")
-        from reference.mamba_ssm_runner import MambaSsmRunner
+        from equiv_reference.mamba_ssm_runner import MambaSsmRunner
 
         return MambaSsmRunner(checkpoint_dir, dtype, device="cuda" if device == "cpu" else device)
-    from reference.transformers_runner import TransformersRunner
+    from equiv_reference.transformers_runner import TransformersRunner
 
     return TransformersRunner(checkpoint_dir, dtype, device=device)
 
@@ -84,7 +84,7 @@ def load_oracle(name: str, checkpoint_dir: str | Path, *, threads: int | None = 
 
     if threads is not None:
         torch.set_num_threads(threads)
-    from reference.transformers_runner import TransformersRunner
+    from equiv_reference.transformers_runner import TransformersRunner
 
     runner = TransformersRunner(checkpoint_dir, "float64", device=device)
     return runner if name == "transformers" else OracleFor(runner, name)
