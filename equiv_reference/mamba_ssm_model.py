@@ -64,7 +64,8 @@ def _stub(name: str) -> types.ModuleType:
     mod.__doc__ = f"stub installed by equiv_reference.mamba_ssm_model: the compiled {name} is not built"
 
     def __getattr__(attr):
-        raise AttributeError(f"{name}.{attr}: {name} is a stub (equiv_reference.mamba_ssm_model); the compiled "
+        raise AttributeError(f"{name}.{attr}: {name} is a stub "
+                             "(equiv_reference.mamba_ssm_model); the compiled "
                            "extension is not installed, and Mamba-2 layers never need it")
 
     mod.__getattr__ = __getattr__

@@ -1,6 +1,7 @@
 """Reference runners by name: what `equiv diff --reference NAME` and the main job load.
 
-    transformers   transformers `Mamba2ForCausalLM`, torch fallback path (equiv_reference/transformers_runner.py)
+    transformers   transformers `Mamba2ForCausalLM`, torch fallback path
+                   (equiv_reference/transformers_runner.py)
     mamba_ssm      mamba_ssm `MambaLMHeadModel`, Triton kernels on CUDA (equiv_reference/mamba_ssm_runner.py)
 
 The float64 oracle of either is transformers' model in float64 (`load_oracle`): mamba_ssm's Triton

@@ -2,8 +2,10 @@
 CPU, float32, on the Python standard library's own source (text every Python install ships).
 
     python -m equiv_reference.train_byte_model --out fixtures/trained-bytes         # the fixture
-    python -m equiv_reference.train_byte_model --probe 5 --batch 16 --seq-len 256   # time 5 steps, write nothing
-    python -m equiv_reference.train_byte_model --redecode fixtures/trained-bytes    # redo decodes + margins only
+    python -m equiv_reference.train_byte_model --probe 5 --batch 16 --seq-len 256
+        # time 5 steps, write nothing
+    python -m equiv_reference.train_byte_model --redecode fixtures/trained-bytes
+        # redo decodes + margins only
 
 Why trained: greedy decodes of a random-weight model are dominated by near-ties (top-1/top-2 logit
 margins ~1e-3), so a port that is correct to float32 rounding can still flip a token. A trained model's

@@ -140,7 +140,8 @@ def test_golden_recording_regenerates_bit_identically(tmp_path):
     pytest.importorskip("torch")
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "equiv_reference.golden", "--out", str(tmp_path), "--fixture",
+    done = subprocess.run([sys.executable, "-m", "equiv_reference.golden", "--out", str(tmp_path),
+                           "--fixture",
                            "tiny-g1"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     golden = fixtures_root() / "golden"

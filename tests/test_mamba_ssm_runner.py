@@ -1,4 +1,5 @@
-"""The mamba_ssm MambaLMHeadModel reference (equiv_reference/mamba_ssm_model.py, equiv_reference/mamba_ssm_runner.py)
+"""The mamba_ssm MambaLMHeadModel reference (equiv_reference/mamba_ssm_model.py,
+equiv_reference/mamba_ssm_runner.py)
 on a CPU machine: config translation, strict key mapping, the one-line errors, sys.modules hygiene,
 and the whole runner through Triton's interpreter (the kernels' own source, numpy arithmetic)
 against transformers' float64 oracle. The GPU run is equiv_reference/gpu_mamba_ssm.py (docs/gpu.md)."""
