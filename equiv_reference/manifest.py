@@ -29,7 +29,8 @@ _VERSION_KEYS = ("python", "torch", "transformers", "numpy", "safetensors", "mam
 
 
 def _from_training(record: dict) -> dict:
-    return {"generator": "equiv_reference.train_byte_model",
+    # records written before the package was renamed carry no "generator": reference.train_byte_model
+    return {"generator": record.get("generator", "reference.train_byte_model"),
             "seed": record.get("train_config", {}).get("seed"),
             "params": {"model_config": record.get("model_config"),
                        "train_config": record.get("train_config")},

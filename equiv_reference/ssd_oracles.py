@@ -19,8 +19,6 @@ the dt_limit clamp only when it is not the default (0, inf).
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,10 +27,6 @@ from equiv.ssd import DEFAULT_DT_LIMIT
 from equiv_reference.mamba_ssm_refs import load_mamba_ssm_refs
 
 _DTYPES = (torch.float32, torch.float64)
-
-
-class ReferenceBindingError(RuntimeError):
-    """The torch reference that was asked for is not the code that would run."""
 
 
 def _tensor(a, dtype):
@@ -143,26 +137,22 @@ def mamba_ssm_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
 # transformers
 
 
-def _modeling_mamba2():
-    from transformers.models.mamba2 import modeling_mamba2
-
-    return modeling_mamba2
-
-
 def transformers_chunk_scan_provenance() -> dict:
-    """Which implementation transformers bound to `mamba2_chunk_scan` when it imported
-    modeling_mamba2 (hub_kernels `use_kernel_func_from_hub_with_fallback` decides once, at import),
-    and therefore what `transformers_chunk_scan` runs."""
+    """What `transformers_chunk_scan` runs: the torch body of transformers' `mamba2_chunk_scan`,
+    found by equiv_reference.provenance (the `__wrapped__` protocol, else recompiled from the
+    module's source), whatever implementation the dispatcher bound at import (`bound`)."""
     import transformers
 
-    fn = _modeling_mamba2().mamba2_chunk_scan
-    bound = inspect.getclosurevars(fn).nonlocals.get("implementation")
-    fallback = bound is not None and bound is getattr(fn, "__wrapped__", None)
+    from equiv_reference.provenance import bound_implementation, import_modeling_mamba2, torch_body
+
+    mm = import_modeling_mamba2()
+    _, how = torch_body(mm, "mamba2_chunk_scan")
     return {
         "function": "transformers.models.mamba2.modeling_mamba2.mamba2_chunk_scan",
         "transformers": transformers.__version__,
-        "bound": f"{getattr(bound, '__module__', '?')}.{getattr(bound, '__qualname__', '?')}",
-        "torch_fallback": fallback,
+        "bound": bound_implementation(mm.mamba2_chunk_scan),
+        "torch_body": how,
+        "torch_fallback": True,
     }
 
 
@@ -171,24 +161,22 @@ def transformers_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=
                             return_final_states=True, dtype=torch.float32):
     """transformers' `mamba2_chunk_scan` torch fallback. Returns (y, final_state) in float32.
 
-    Raises ReferenceBindingError if transformers bound a kernel instead (see
-    `transformers_chunk_scan_provenance`): the reference would then not be the torch path.
+    Calls the torch body directly (`transformers_chunk_scan_provenance`), so a kernel the
+    dispatcher may have bound never runs here.
     It has no z argument and its D skip supports only D (h,): z gating (and a (h, p) D) is applied
     outside, as `mamba_chunk_scan_combined` does. Only float32: the function casts its inputs with
     `.float()`, so a float64 call would silently compute in float32 (use `ssd_oracle_fp64`)."""
     if dtype != torch.float32:
         raise ValueError(f"dtype: transformers' mamba2_chunk_scan computes in float32 (it calls "
                          f".float() on its inputs); expected torch.float32, got {dtype}")
-    prov = transformers_chunk_scan_provenance()
-    if not prov["torch_fallback"]:
-        raise ReferenceBindingError(
-            f"transformers bound {prov['bound']} to mamba2_chunk_scan, not its torch fallback: "
-            "mamba_ssm was importable when transformers first imported modeling_mamba2")
+    from equiv_reference.provenance import import_modeling_mamba2, torch_body
+
+    chunk_scan, _ = torch_body(import_modeling_mamba2(), "mamba2_chunk_scan")
     x, dt, A, B, C, D, z, dt_bias, h0 = (_tensor(a, torch.float32) for a in
                                          (x, dt, A, B, C, D, z, dt_bias, initial_states))
     if tuple(float(v) for v in dt_limit) == DEFAULT_DT_LIMIT:
         dt_limit = DEFAULT_DT_LIMIT  # it clamps always; the default only clips dt < 0
-    y, final = _modeling_mamba2().mamba2_chunk_scan(
+    y, final = chunk_scan(
         x, dt, A, B, C, chunk_size, D=D if D is not None and D.ndim == 1 else None,
         dt_bias=dt_bias, initial_states=h0, dt_softplus=dt_softplus, dt_limit=dt_limit,
         return_final_states=True)
@@ -240,6 +228,6 @@ def ssd_oracle_step_fp64(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt
 
 
 __all__ = [
-    "ReferenceBindingError", "mamba_ssm_minimal", "mamba_ssm_step", "transformers_chunk_scan",
+    "mamba_ssm_minimal", "mamba_ssm_step", "transformers_chunk_scan",
     "transformers_chunk_scan_provenance", "ssd_oracle_fp64", "ssd_oracle_step_fp64",
 ]

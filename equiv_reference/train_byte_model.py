@@ -295,6 +295,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     record = {
+        "generator": "equiv_reference.train_byte_model",
         "what": "byte-level Mamba-2 (transformers Mamba2ForCausalLM) trained on CPU on the Python "
                 "standard library's top-level *.py; written by `python -m equiv_reference.train_byte_model`",
         "train_config": asdict(cfg), "model_config": MODEL_KW, "parameters": param_count(model),

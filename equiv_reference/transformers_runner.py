@@ -1,4 +1,4 @@
-"""The PyTorch reference: transformers `Mamba2ForCausalLM` (5.23, torch fallback path) with taps.
+"""The PyTorch reference: transformers `Mamba2ForCausalLM` (5.23 to 5.25, torch fallback path) with taps.
 
 Everything in and out is numpy: ids int32 (b, l), mask (b, l) of 0/1 or None, taps keyed by the
 canonical names of equiv/mamba2/taps.py, in the run dtype (float64 for the oracle, bf16 values as
@@ -14,6 +14,7 @@ Float64 is the oracle: transformers casts to float32 internally whatever the mod
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,8 @@ from equiv_reference.torch_taps import tap_modules, to_numpy
 # The tap map for Mamba-2: canonical tap -> (module of Mamba2ForCausalLM, what is captured).
 #   output : the module's forward output (forward hook)
 #   input0 : the module's first positional input (forward pre-hook)
-#   derived: recomputed after the forward from other captured taps (no module runs it: in 5.23 the
-#            conv is the module-level function `causal_conv1d_fn`, called with conv1d's weights)
+#   derived: recomputed after the forward from other captured taps (no module runs it: since 5.23
+#            the conv is the module-level function `causal_conv1d_fn`, called with conv1d's weights)
 TAP_MAP = (
     ("embed", "backbone.embeddings", "output"),
     ("layers.{i}.norm", "backbone.layers.{i}.norm", "output"),
@@ -100,6 +101,9 @@ class TransformersRunner:
         self.tap_names = tap_names(self.n_layers)
         self.recorder = prov.DispatchRecorder(self.mm)
         self.lifted_sites: dict[str, int] = {}
+        # 5.24 renamed forward's `cache_params` to `cache` (the old name warns until 5.40)
+        forward_params = inspect.signature(self.model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward_params else "cache_params"
 
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -152,6 +156,7 @@ class TransformersRunner:
         finally:
             for h in handles:
                 h.remove()
+        self.recorder.require_called("mamba2_chunk_scan", "causal_conv1d_fn", what="a full forward")
         return {name: to_numpy(captured[name]) for name in self.tap_names}
 
     def _derived_conv(self, i: int, zxbcdt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -166,7 +171,7 @@ class TransformersRunner:
 
     def step_logits(self, ids, mask, prompt_len: int) -> np.ndarray:
         """Teacher forcing through the cache, as `generate` drives it: prefill ids[:, :prompt_len]
-        (use_cache=True, a fresh DynamicCache), then one token per call with `cache_params`; the
+        (use_cache=True, a fresh DynamicCache), then one token per call with the cache; the
         padding mask only reaches the prefill (Mamba2ForCausalLM.prepare_inputs_for_generation
         drops it after the first iteration). Returns (b, l - prompt_len + 1, v)."""
         t_ids, t_mask = self._inputs(ids, mask)
@@ -179,12 +184,14 @@ class TransformersRunner:
         steps = []
         with self._running():
             cache = DynamicCache(config=self.config)  # what generate hands the prefill
-            out = self.model(input_ids=t_ids[:, :prompt_len], cache_params=cache, use_cache=True,
+            out = self.model(input_ids=t_ids[:, :prompt_len], use_cache=True, **{self.cache_kwarg: cache},
                              attention_mask=None if t_mask is None else t_mask[:, :prompt_len])
             steps.append(out.logits[:, -1])
             for t in range(prompt_len, l):
-                out = self.model(input_ids=t_ids[:, t:t + 1], cache_params=cache, use_cache=True)
+                out = self.model(input_ids=t_ids[:, t:t + 1], use_cache=True, **{self.cache_kwarg: cache})
                 steps.append(out.logits[:, -1])
+        if l > prompt_len:
+            self.recorder.require_called("mamba2_selective_state_update", what="a cached decode step")
         return to_numpy(torch.stack(steps, dim=1))
 
     def generate(self, prompt, mask=None, max_new_tokens: int = 32,
@@ -204,6 +211,8 @@ class TransformersRunner:
                                       max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                                       pad_token_id=self.pad_id, output_logits=True,
                                       return_dict_in_generate=True)
+        if out.sequences.shape[1] > t_ids.shape[1] + 1:
+            self.recorder.require_called("mamba2_selective_state_update", what="generate's decode steps")
         tokens = out.sequences[:, t_ids.shape[1]:].cpu().numpy().astype(np.int32)
         logits = torch.stack(out.logits, dim=1).double()  # b T v
         top2 = torch.topk(logits, 2, dim=-1).values
@@ -237,6 +246,7 @@ class TransformersRunner:
             "checkpoint": Path(self.checkpoint).name,  # the name only: recordings stay location-free
             "dtype": self.dtype,
             "versions": prov.versions(),
+            "untested_versions": prov.untested_versions(),
             "code_paths": paths,
             "path": "torch fallback",
             "kernel_control": {

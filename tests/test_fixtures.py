@@ -105,12 +105,16 @@ def test_manifest_takes_generator_records_from_the_fixture_directories(tmp_path)
     (tmp_path / "made" / "generator.json").write_text(json.dumps({"generator": "g", "seed": 3}))
     (tmp_path / "trained").mkdir()
     (tmp_path / "trained" / "training.json").write_text(json.dumps(
-        {"train_config": {"seed": 7}, "model_config": {}, "versions": {"torch": "t", "python": "p"}}))
+        {"generator": "equiv_reference.train_byte_model", "train_config": {"seed": 7}, "model_config": {},
+         "versions": {"torch": "t", "python": "p"}}))
+    (tmp_path / "legacy").mkdir()  # a record from before the rename names no generator
+    (tmp_path / "legacy" / "training.json").write_text(json.dumps({"train_config": {"seed": 1}}))
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "x").write_text("x")
     (tmp_path / "empty").mkdir()
     fx = build_manifest(tmp_path)["fixtures"]
-    assert sorted(fx) == ["bare", "made", "trained"]
+    assert sorted(fx) == ["bare", "legacy", "made", "trained"]
+    assert fx["legacy"]["generator"]["generator"] == "reference.train_byte_model"
     assert fx["made"]["generator"]["seed"] == 3
     assert (fx["trained"]["generator"]["generator"], fx["trained"]["generator"]["seed"]) == (
         "equiv_reference.train_byte_model", 7)

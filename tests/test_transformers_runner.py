@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import transformers
+from packaging.version import Version
 
 from equiv.errors import EquivError, TokenRangeError
 from equiv.fixtures import fixture_dir
@@ -298,8 +300,11 @@ def test_torch_fallback_runs_with_mamba_ssm_installed_and_with_a_kernel_bound():
         assert paths[key]["ran"] == "torch fallback" and paths[key]["calls"] > 0, paths[key]
         assert paths[key]["bound_at_import"] == "torch fallback"
     assert paths["fused_training_path"]["calls"] == 0
-    # with the fake kernel bound: a plain forward runs it, the runner does not
-    assert out["direct"] == "fake mamba_ssm kernel ran"
+    # with the fake kernel bound, a plain forward runs it up to 5.24; from 5.25 transformers' own
+    # dispatcher sends CPU tensors to the torch body (mamba_ssm is listed as CUDA-only). The runner
+    # never runs it either way.
+    assert out["direct"] == "fake mamba_ssm kernel ran" or (
+        out["direct"] == "no error" and Version(transformers.__version__) >= Version("5.25.0")), out["direct"]
     assert out["bypassed_logits_equal"] is True
     chunk = out["bound"]["code_paths"]["chunk_scan"]
     assert chunk["bound_at_import"].startswith("kernel ")
