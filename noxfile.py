@@ -1,13 +1,16 @@
 """nox sessions for ssm-equiv. `nox -s equivalence` is the main job; `nox -s tests` is CI's.
 
-Every session installs the project with the extras it needs, constrained by constraints.txt (which
-pins the CPU build of torch: an unpinned torch pulls a multi-GB CUDA build). Versions and extras come
-from pyproject.toml; posargs pass through.
+Every session installs exact versions: equiv/tested_versions.toml is the one source, turned here
+into a pip constraints file (.nox/constraints/*.txt), so a new release on the package index never
+changes a verdict. It pins the CPU build of torch (an unpinned torch pulls a multi-GB CUDA build)
+and the newest supported transformers; `nox -s references` runs the main job against every
+supported transformers release and the newest the index serves. Posargs pass through.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import nox
@@ -17,23 +20,36 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.error_on_external_run = True
 
 ROOT = Path(__file__).parent
-CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
-MAMBA_SSM = "mamba-ssm==2.3.2.post1"
-MAMBA2_JAX = "mamba2-jax==1.1.2"
+sys.path.insert(0, str(ROOT))
+from equiv import tested_versions  # noqa: E402 - stdlib-only module (equiv/__init__ imports nothing)
+
+SUPPORTED = tested_versions.supported_transformers()
 
 
-def install_project(session: nox.Session, *extras: str) -> None:
+def constraints(session: nox.Session, transformers: str | None = None) -> tuple[str, str]:
+    """('-c', path) of a pip constraints file from equiv/tested_versions.toml: the verdict pins and
+    tools, plus `transformers` (default: the newest supported) with its pinned dependencies; ""
+    leaves transformers and its dependencies free (the matrix's "newest" leg)."""
+    name = "free" if transformers == "" else (transformers or SUPPORTED[-1])
+    path = ROOT / ".nox" / "constraints" / f"transformers-{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tested_versions.constraints(transformers))
+    return "-c", str(path)
+
+
+def install_project(session: nox.Session, *extras: str, transformers: str | None = None) -> None:
     spec = f".[{','.join(extras)}]" if extras else "."
-    session.install(*CONSTRAINTS, "-e", spec)
+    session.install(*constraints(session, transformers), "-e", spec)
 
 
-def install_mamba_ssm(session: nox.Session) -> None:
+def install_mamba_ssm(session: nox.Session, transformers: str | None = None) -> None:
     """mamba_ssm's pure-torch references on a CPU machine. Its PyPI release is a source
     distribution: MAMBA_FORCE_BUILD skips the prebuilt-wheel download (which fails offline), and it
     must build against the torch already installed (--no-build-isolation). Without CUDA only its
     Python files are usable; equiv_reference/mamba_ssm_refs.py imports them without its __init__."""
-    session.install(*CONSTRAINTS, "einops", "triton", "setuptools", "wheel", "packaging", "ninja")
-    session.install("--no-build-isolation", "--no-deps", MAMBA_SSM,
+    c = constraints(session, transformers)
+    session.install(*c, "einops", "triton", "setuptools", "wheel", "packaging", "ninja")
+    session.install(*c, "--no-build-isolation", "--no-deps", "mamba-ssm",
                     env={"MAMBA_FORCE_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE"})
 
 
@@ -41,12 +57,13 @@ def install_mamba_ssm(session: nox.Session) -> None:
 def equivalence(session: nox.Session) -> None:
     """The main job: every bundled fixture through the layer-wise diff, the greedy decode match and
     the SSD duality properties; prints a summary, writes equivalence-report/, exits non-zero on any
-    failure. `--golden` compares against fixtures/golden/ instead of running torch."""
+    failure. `--golden` compares against fixtures/golden/ instead of running torch, and installs
+    neither torch nor transformers."""
     golden = "--golden" in session.posargs
     if golden:
-        install_project(session, "test", "report")
+        install_project(session, "report")
     else:
-        install_project(session, "reference", "test", "report")
+        install_project(session, "reference", "report")
         install_mamba_ssm(session)
     session.run("equiv", "check", "--out", "equivalence-report", *session.posargs)
 
@@ -60,10 +77,36 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", "-n", workers, *session.posargs)
 
 
+@nox.session(python="3.11", default=False)
+def references(session: nox.Session) -> None:
+    """The reference version matrix: for each supported transformers release (each pinned exactly)
+    and the newest the index serves, the reference-runner tests and the main job on one tiny and the
+    trained fixture, then one table (references-report/matrix.md). `nox -s references -- 5.24.0`
+    runs chosen legs ("newest" is one). Everything but transformers stays on the pins."""
+    legs = session.posargs or [*SUPPORTED, "newest"]
+    unknown = [leg for leg in legs if leg != "newest" and leg not in SUPPORTED]
+    if unknown:
+        session.log(f"note: {unknown} not in equiv/tested_versions.toml's supported list; running anyway")
+    install_project(session, "test", "report", transformers="")
+    session.install(*constraints(session, ""), "torch", "einops")
+    install_mamba_ssm(session, transformers="")
+    out = ROOT / "references-report"
+    matrix = ("python", "-m", "equiv_reference.version_matrix")
+    for leg in legs:
+        # a clean leg: transformers and what only some releases pull in (kernels from 5.25)
+        session.run("python", "-m", "pip", "uninstall", "-q", "-y", "transformers", "kernels")
+        if leg == "newest":
+            session.install(*constraints(session, ""), "--upgrade", "transformers")
+        else:
+            session.install(*constraints(session, leg), f"transformers=={leg}")
+        session.run(*matrix, "leg", "--label", leg, "--out", str(out), success_codes=[0, 1])
+    session.run(*matrix, "table", "--out", str(out), "--labels", *legs)
+
+
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff over the project."""
-    session.install(*CONSTRAINTS, "ruff")
+    session.install(*constraints(session), "ruff")
     session.run("ruff", "check", "equiv", "equiv_reference", "tests", "noxfile.py", *session.posargs)
 
 

@@ -5,13 +5,16 @@ properties; one summary table, reports under one directory, a non-zero exit on a
 Model-agnostic: the port comes from the registry, the reference from a loader callable (live torch
 runners, or golden recordings replayed with --golden). Inputs are a pure function of the fixture
 and fixed seeds, so two runs produce the same JSON numbers (timings go to timing.json alone).
+
+Exit status: 0 equivalent; 1 a divergence; 2 an input could not be checked (or the reference
+library changed under the suite); 3 every check that ran passed but one could not run (NOT RUN,
+with its reason), unless the caller allowed that with `allow_not_run` (`--allow-not-run`).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
+from equiv import tested_versions
 from equiv.decode import DecodeResult, match_greedy
-from equiv.errors import EquivError, ReportWriteError
+from equiv.errors import EquivError, ReferenceChanged, ReportWriteError
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.report import summary_line, write_reports
 
-SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 1}
+SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 2}
+EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_INPUT, EXIT_NOT_RUN = 0, 1, 2, 3
 
 
 @dataclass
@@ -79,6 +84,7 @@ class FixtureOutcome:
     decode: list[DecodeResult] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
+    reference: dict = field(default_factory=dict)  # its provenance after every call of the fixture
 
     @property
     def verdict(self) -> str:
@@ -92,20 +98,29 @@ class FixtureOutcome:
         from equiv.report import to_json_dict
 
         return {"fixture": self.name, "verdict": self.verdict, "error": self.error or None,
+                "reference": self.reference,
                 "layerwise": {mode: to_json_dict(r) for mode, r in self.layerwise.items()},
                 "decode": [d.to_dict() for d in self.decode]}
 
 
 def check_fixture(name: str, path: Path, port, load_ref, progress=print) -> FixtureOutcome:
-    """Layer-wise diff in both modes and the decode match for one fixture. A bad input (an
-    EquivError: corrupt checkpoint, missing recording...) is recorded on the outcome, so the other
-    fixtures still run and the report says what was wrong."""
+    """Layer-wise diff in both modes and the decode match for one fixture. A bad input (corrupt
+    checkpoint, missing recording, a port or reference that raises) is recorded on the outcome, so
+    the other fixtures still run and the report says what was wrong. A changed reference library
+    stops the whole job: every fixture would meet it."""
     t0 = time.perf_counter()
     try:
         return _check_fixture(name, path, port, load_ref, progress)
+    except ReferenceChanged:
+        raise
     except EquivError as e:
         progress(f"[{name}] error: {e}")
         return FixtureOutcome(name, error=str(e), seconds=time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - a port's or library's own exception, named, not a traceback
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "(no message)"
+        message = f"{type(e).__name__} while checking {name}: {first}"
+        progress(f"[{name}] error: {message}")
+        return FixtureOutcome(name, error=message, seconds=time.perf_counter() - t0)
 
 
 def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOutcome:
@@ -126,22 +141,39 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
                  f"{prompts.shape[0]} prompt(s) x {plan.max_new_tokens} tokens")
         out.decode.append(match_greedy(model, reference, oracle, prompts, mask, plan.max_new_tokens,
                                        plan.eos_id))
+    out.reference = dict(reference.provenance()) if hasattr(reference, "provenance") else {}
     out.seconds = time.perf_counter() - t0
     return out
 
 
-def run_ssd_properties(repo_root: Path, progress=print) -> dict:
-    """The SSD duality property suite (hypothesis, ci profile) as part of the main job."""
-    tests = [repo_root / "tests" / f for f in ("test_ssd_properties.py", "test_ssd_references.py")]
-    tests = [str(t) for t in tests if t.is_file()]
-    if not tests:
-        return {"verdict": "skipped", "detail": "tests/ not found: run the main job from the repository"}
-    progress("SSD duality properties (hypothesis, ci profile)")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *tests],
-                          capture_output=True, text=True, cwd=repo_root)
-    last = [ln for ln in proc.stdout.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
-    return {"verdict": "pass" if proc.returncode == 0 else "fail", "detail": last[0].strip("= "),
-            "returncode": proc.returncode}
+def ssd_references(golden: bool):
+    """The budget source of the SSD properties: numpy float32 counterparts and a numpy float64
+    oracle in golden mode (torch-free by definition), torch's (transformers' chunk scan, the torch
+    recurrence) in a live run."""
+    if golden:
+        from equiv.ssd_numpy import NumpySSDReferences
+
+        return NumpySSDReferences()
+    from equiv_reference.ssd_references import TorchSSDReferences
+
+    return TorchSSDReferences()
+
+
+def not_run(reason: str) -> dict:
+    return {"verdict": "not run", "detail": reason}
+
+
+def run_ssd_suite(golden: bool, examples: int | None = None, progress=print) -> dict:
+    """The SSD duality property suite (equiv/ssd_properties.py) in this process."""
+    try:
+        from equiv.ssd_properties import DEFAULT_EXAMPLES_PER_PROPERTY, run_ssd_properties
+
+        refs = ssd_references(golden)
+    except ImportError as e:
+        return not_run(f"cannot import what the SSD properties need ({e})")
+    n = examples or DEFAULT_EXAMPLES_PER_PROPERTY
+    progress(f"SSD duality properties ({n} examples each, budget from {refs.name})")
+    return run_ssd_properties(refs, examples_per_property=n, progress=progress)
 
 
 def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
@@ -162,21 +194,25 @@ def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
         for d in o.decode:
             if d.verdict != "pass" or d.mismatches or d.reference_consistency.verdict != "pass":
                 lines.append(f"  decode {d.prompt_lengths}: {d.reason}"[:200])
-    lines.append(f"{'SSD duality':<20} {ssd['detail'][:40]:<41} {ssd['verdict'].upper()}")
+    lines.append(f"{'SSD duality':<20} {'':<41} {ssd['verdict'].upper()}")
+    lines.append(f"  {ssd['detail']}"[:200])
+    for p in ssd.get("properties", []):
+        if p.get("verdict") != "pass":
+            lines.append(f"  {p['name']}: {p.get('detail', '')}"[:200])
     return "\n".join(lines)
 
 
 def write_check_reports(outcomes: list[FixtureOutcome], ssd: dict, provenance: dict, out_dir: Path,
-                        timings: dict) -> None:
+                        timings: dict, allow_not_run: bool = False) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary = SCHEMA | {"verdict": overall_verdict(outcomes, ssd), "ssd_duality": ssd,
+        summary = SCHEMA | {"verdict": overall_verdict(outcomes, ssd, allow_not_run), "ssd_duality": ssd,
                             "provenance": provenance, "fixtures": [o.to_dict() for o in outcomes]}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True,
                                                          default=_json_default))
         (out_dir / "timing.json").write_text(json.dumps(timings, indent=1))
         md = ["# ssm-equiv: equivalence", "", f"**Verdict: {summary['verdict'].upper()}**", "", "```",
-              summary_table(outcomes, ssd), "```", ""]
+              summary_table(outcomes, ssd), "```", "", versions_line(provenance), ""]
         for o in outcomes:
             for mode, r in o.layerwise.items():
                 sub = out_dir / o.name / mode
@@ -197,9 +233,28 @@ def _json_default(x):
     return str(x)
 
 
-def overall_verdict(outcomes: list[FixtureOutcome], ssd: dict) -> str:
-    ok = all(o.verdict == "pass" for o in outcomes) and ssd["verdict"] in ("pass", "skipped")
-    return "equivalent" if ok else "divergent"
+def overall_verdict(outcomes: list[FixtureOutcome], ssd: dict, allow_not_run: bool = False) -> str:
+    """'divergent' if anything failed; 'incomplete' if all that ran passed but a check did not run
+    (unless allowed); else 'equivalent'. A check that did not run never counts as a pass."""
+    if not all(o.verdict == "pass" for o in outcomes) or ssd["verdict"] == "fail":
+        return "divergent"
+    if ssd["verdict"] != "pass" and not allow_not_run:
+        return "incomplete"
+    return "equivalent"
+
+
+def versions_line(provenance: dict) -> str:
+    """'installed: jax 0.10.2, ...; all within the tested set' (or what is outside it), and in
+    golden mode the versions the replayed reference was recorded with."""
+    v = provenance.get("versions", {})
+    line = "installed: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)
+    off = provenance.get("untested_versions") or []
+    line += ("; OUTSIDE THE TESTED SET: " + ", ".join(off) if off else "; all within the tested set")
+    if provenance.get("golden"):
+        rec = (provenance.get("reference") or {}).get("versions") or {}
+        line += ("\nreference: golden recording made with " +
+                 ", ".join(f"{k} {rec[k]}" for k in ("transformers", "torch") if rec.get(k)))
+    return line
 
 
 def reference_loader(golden: bool, golden_dir: Path):
@@ -237,8 +292,9 @@ def _check_in_processes(names, golden, port_spec, workers, progress) -> list[Fix
 
 
 def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = False,
-                 port_spec: str = "builtin", ssd: bool = True, progress=print, workers: int = 1) -> int:
-    """Returns the exit code: 0 equivalent, 1 any failure."""
+                 port_spec: str = "builtin", ssd: bool = True, progress=print, workers: int = 1,
+                 allow_not_run: bool = False, ssd_examples: int | None = None) -> int:
+    """Returns the exit code (module docstring)."""
     from equiv.fixtures import fixture_dir, list_fixtures, verify_fixture
     from equiv.ports import resolve_port
 
@@ -254,15 +310,20 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
     else:
         outcomes = [check_fixture(n, fixture_dir(n), port, load_ref, progress) for n in names]
     timings = {o.name: round(o.seconds, 2) for o in outcomes}
-    ssd_result = run_ssd_properties(Path(__file__).resolve().parents[1], progress) if ssd else \
-        {"verdict": "skipped", "detail": "disabled with --no-ssd"}
+    t_ssd = time.perf_counter()
+    ssd_result = run_ssd_suite(golden, ssd_examples, progress) if ssd else not_run("disabled with --no-ssd")
+    timings["ssd_duality_s"] = round(time.perf_counter() - t_ssd, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
-    provenance = {"port": port_spec, "golden": golden,
-                  "reference": outcomes[0].layerwise["accumulated"].reference if outcomes else {}}
-    write_check_reports(outcomes, ssd_result, provenance, out_dir, timings)
+    installed = tested_versions.installed_versions()
+    provenance = {"port": port_spec, "golden": golden, "versions": installed,
+                  "untested_versions": tested_versions.untested(installed),
+                  "reference": next((o.layerwise["accumulated"].reference for o in outcomes
+                                     if "accumulated" in o.layerwise), {})}
+    write_check_reports(outcomes, ssd_result, provenance, out_dir, timings, allow_not_run)
     print(summary_table(outcomes, ssd_result))
-    verdict = overall_verdict(outcomes, ssd_result)
+    print(versions_line(provenance))
+    verdict = overall_verdict(outcomes, ssd_result, allow_not_run)
     print(f"\nverdict: {verdict.upper()}  ({timings['total_s']:.0f} s; reports in {out_dir}/)")
     if any(o.error for o in outcomes):
-        return 2  # an input could not be checked at all: a usage/input error, not a verdict
-    return 0 if verdict == "equivalent" else 1
+        return EXIT_INPUT  # an input could not be checked at all: a usage/input error, not a verdict
+    return {"equivalent": EXIT_EQUIVALENT, "divergent": EXIT_DIVERGENT, "incomplete": EXIT_NOT_RUN}[verdict]

@@ -5,7 +5,8 @@
                [--mode accumulated|isolated] [--budget X] [--out DIR]
 
 Exit codes: 0 equivalent, 1 divergence found, 2 usage or input error (one line on stderr, no
-traceback; also when no tap could be compared at all).
+traceback; also when no tap could be compared at all, and for any other exception: what failed,
+what was expected, what to do). `equiv --debug COMMAND ...` prints the traceback as well.
 
 Subcommands are argparse subparsers. Another module adds one by defining
 `register(subparsers)`, which calls `subparsers.add_parser(...)` and sets `func=handler` with
@@ -21,6 +22,7 @@ import json
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -237,6 +239,8 @@ def run_diff(args, progress: Progress) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="equiv", description="Numerical-equivalence verification of JAX ports of "
                                                "PyTorch state-space models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback after the one-line message")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     register_diff(sub)
     for name in SUBCOMMAND_MODULES:
@@ -245,24 +249,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unexpected_error_line(e: BaseException, command: str | None) -> str:
+    """One line for an exception no layer turned into an EquivError: what failed and what to do."""
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "(no message)"
+    where = f"equiv {command}" if command else "equiv"
+    return (f"equiv: error: {where} failed with {type(e).__name__}: {first} (expected to finish or to "
+            "name a bad input; rerun with `equiv --debug ...` for the traceback, and report it if the input "
+            "was valid)")
+
+
 def main(argv: list[str] | None = None) -> int:
     progress = Progress()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # known before parsing (a parse-time failure honours it), and allowed
+    argv = [a for a in argv if a != "--debug"]  # anywhere on the line, not only before COMMAND
+    command = None
     try:
         try:
             args = build_parser().parse_args(argv)
         except SystemExit as e:  # --help / --version: argparse has printed, exit as it asks
             return int(e.code or 0)
+        command = args.command
         return int(args.func(args, progress))
     except (EquivError, OSError) as e:
         progress.close()
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         own_prefix = isinstance(e, UsageError) and message.startswith("equiv")
         print(message if own_prefix else f"equiv: error: {message}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
         return EXIT_USAGE
     except KeyboardInterrupt:
         progress.close()
         print("equiv: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the promise: one line and exit 2, never a bare traceback
+        progress.close()
+        print(unexpected_error_line(e, command), file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        return EXIT_USAGE
     finally:
         progress.close()
 

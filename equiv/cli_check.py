@@ -1,8 +1,10 @@
 """`equiv check`: the main job (see equiv/check.py), as run by `nox -s equivalence`.
 
-    equiv check [--fixture NAME ...] [--golden] [--port NAME|module:attr] [--no-ssd] [-n N] [--out DIR]
+    equiv check [--fixture NAME ...] [--golden] [--port NAME|module:attr] [--no-ssd] [--allow-not-run]
+                [--ssd-examples N] [-n N] [--out DIR]
 
-Exit codes: 0 everything equivalent, 1 any divergence, 2 usage or input error.
+Exit codes: 0 everything equivalent, 1 any divergence, 2 usage or input error, 3 a check could not
+run (NOT RUN, with its reason; `--allow-not-run` accepts that and exits 0 if the rest passed).
 """
 
 from __future__ import annotations
@@ -18,7 +20,12 @@ def register(subparsers) -> None:
     p.add_argument("--golden", action="store_true",
                    help="replay recorded reference outputs (fixtures/golden/) instead of running torch")
     p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
-    p.add_argument("--no-ssd", action="store_true", help="skip the SSD duality property suite")
+    p.add_argument("--no-ssd", action="store_true",
+                   help="skip the SSD duality property suite (NOT RUN: exit 3 unless --allow-not-run)")
+    p.add_argument("--allow-not-run", action="store_true",
+                   help="a check that could not run does not fail the job (it is still reported NOT RUN)")
+    p.add_argument("--ssd-examples", type=int, default=None, metavar="N",
+                   help="hypothesis examples per SSD property (default: equiv.ssd_properties' default)")
     p.add_argument("-n", "--workers", type=int, default=1, metavar="N",
                    help="check fixtures in N processes (same results, same report, any N)")
     p.add_argument("--out", default="equivalence-report",
@@ -30,4 +37,5 @@ def run_check(args, progress) -> int:
     from equiv.check import run_main_job
 
     return run_main_job(args.fixtures, Path(args.out), golden=args.golden, port_spec=args.port,
-                        ssd=not args.no_ssd, progress=progress.stage, workers=max(1, args.workers))
+                        ssd=not args.no_ssd, progress=progress.stage, workers=max(1, args.workers),
+                        allow_not_run=args.allow_not_run, ssd_examples=args.ssd_examples)

@@ -41,6 +41,12 @@ class FixtureIntegrityError(EquivError):
     """A fixture file's sha256 does not match the manifest."""
 
 
+class ReferenceChanged(EquivError):
+    """The installed reference library does not have the code this suite knows how to control (a
+    release moved it): a verdict from it could come from the wrong code path, so none is computed.
+    The message names the version, what broke, the tested range and how to pin."""
+
+
 class ReportWriteError(EquivError):
     """The report directory cannot be written."""
 

@@ -6,7 +6,8 @@ A fixture that does not match its manifest entry (a changed, missing or extra fi
 anything is computed from it: a silently regenerated or corrupted checkpoint would otherwise show
 up as a numerical "divergence" with a misleading cause.
 
-The root is the repository's fixtures/ unless SSM_EQUIV_FIXTURES names another directory.
+The root is SSM_EQUIV_FIXTURES if set, else the fixtures an installed wheel carries
+(equiv/fixture_data/), else the repository's fixtures/.
 No torch here: the golden-replay path runs where torch is not installed.
 """
 
@@ -29,11 +30,19 @@ class UnknownFixture(EquivError):
     """A fixture name that is not in the manifest."""
 
 
+PACKAGED = Path(__file__).resolve().parent / "fixture_data"
+"""Where an installed wheel carries the fixtures (pyproject.toml maps the repository's fixtures/ there)."""
+CHECKOUT = Path(__file__).resolve().parents[1] / "fixtures"
+"""Where a source checkout (or an editable install of it) has them."""
+
+
 def fixtures_root(root: str | Path | None = None) -> Path:
     if root is not None:
         return Path(root)
     env = os.environ.get("SSM_EQUIV_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "fixtures"
+    if env:
+        return Path(env)
+    return PACKAGED if PACKAGED.is_dir() else CHECKOUT
 
 
 def sha256_file(path: Path) -> str:

@@ -17,9 +17,7 @@ present on one side only are listed (port-only, reference-only), never dropped.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import math
-import platform
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import ml_dtypes
 import numpy as np
 
+from equiv import tested_versions
 from equiv.compare import FLOOR_ULPS, TapComparison, compare_tap, reference_implausible, tolerance
 from equiv.errors import EquivError
 from equiv.ports import TapUnavailable
@@ -172,19 +171,14 @@ def find_first_divergence(taps: list[TapComparison], mode: str, dtype: str,
 
 
 def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
-    def version(dist):
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     precision = port_details.get("jax_default_matmul_precision")
     if precision is None and "jax" in sys.modules:
         precision = str(sys.modules["jax"].config.jax_default_matmul_precision)
+    installed = tested_versions.installed_versions()
     return {"dtype": dtype, "budget": budget, "budget_reason": tolerance(dtype).reason, "mode": mode,
             "floor_ulps": FLOOR_ULPS, "matmul_precision": precision or "unknown",
-            "versions": {"python": platform.python_version(), "numpy": np.__version__, "jax": version("jax"),
-                         "jaxlib": version("jaxlib"), "ml_dtypes": version("ml_dtypes")}}
+            "versions": {k: v for k, v in installed.items() if v is not None},
+            "untested_versions": tested_versions.untested(installed)}
 
 
 def describe_inputs(ids: np.ndarray, mask: np.ndarray | None, seed: int | None) -> dict:
@@ -251,6 +245,9 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
 
     counts = [t.verdict for t in taps]
     verdict = "divergent" if "fail" in counts else "equivalent" if "pass" in counts else "inconclusive"
+    untested = tested_versions.untested_note()
+    if untested:
+        notes.append(untested)
     info = model.info()
     return LayerwiseResult(
         mode=mode, dtype=dtype, budget=budget, taps=taps, port_only=port_only, reference_only=reference_only,

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 
 from equiv import tested_versions
-from equiv.errors import EquivError
+from equiv.errors import ReferenceChanged
 
 KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
 """Packages whose importability makes transformers bind kernels instead of its torch bodies."""
@@ -57,11 +57,6 @@ REQUIRED = ("mamba2_chunk_scan", "causal_conv1d_fn", "causal_conv1d_update", "ma
 
 MODULE = "transformers.models.mamba2.modeling_mamba2"
 _IMPORT_RECORD: dict = {}
-
-
-class ReferenceChanged(EquivError):
-    """The installed transformers does not have the Mamba-2 code this suite knows how to control:
-    a verdict from it could come from the wrong code path, so none is computed."""
 
 
 def reference_changed(what: str) -> ReferenceChanged:
