@@ -179,3 +179,25 @@ def test_other_modules_register_subcommands(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "hello", "--times", "x")
     assert code == 2
     assert_one_line_error(err, "equiv hello: error: argument --times")
+
+
+def raising_port_factory():
+    """A port whose load raises what no layer of ours anticipates."""
+
+    class Port:
+        name = "raises"
+
+        def load(self, checkpoint_dir, dtype="float32"):
+            raise TypeError("Func() is not a Python function")
+
+    return Port()
+
+
+def test_any_exception_is_one_line_and_exit_2_traceback_only_with_debug(capsys, good):
+    argv = ["diff", str(good), "--port", "tests.test_cli:raising_port_factory",
+            "--reference", "tests.fake_port:load_fake_reference"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(err, "equiv diff failed with TypeError: Func() is not a Python function", "--debug")
+    code, _, err = run_cli(capsys, *argv, "--debug")  # accepted anywhere on the line
+    assert code == 2 and "Traceback (most recent call last)" in err and "raise TypeError" in err
