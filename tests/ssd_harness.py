@@ -1,69 +1,26 @@
-"""Shared machinery of the SSD property and reference tests: jitted forms, references, checks.
+"""The SSD tests' harness: the package's (equiv.ssd_harness: jitted forms, run_form, run_steps,
+run_readout, time_slice, check_budget, assert_close_by_budget) plus the torch references.
 
-Each form is jitted once here, with its configuration arguments static. jax.jit caches one
-executable per (shapes, dtypes, which optional arguments are None, static values), so an
-`equiv.strategies` bucket compiles each form once per process whatever the number of examples.
+The pytest suite sets its budget from torch (equiv_reference.ssd_references.TorchSSDReferences:
+transformers' chunk scan and the torch recurrence), as before the properties moved into the
+package; `equiv check` uses the same properties with whichever references are available.
 """
 
 from __future__ import annotations
 
 import functools
 
-import jax
-import numpy as np
-
-from equiv import ssd
-from equiv.compare import FLOOR_ULPS, TapComparison, assert_within_budget, compare_tap, tolerance, ulp_at
-
-_STATIC = ("dt_softplus", "dt_limit", "return_final_states")
-_JITTED = {
-    "chunked": jax.jit(ssd.ssd_chunked, static_argnames=("chunk_size", *_STATIC)),
-    "scan": jax.jit(ssd.ssd_scan, static_argnames=_STATIC),
-    "quadratic": jax.jit(ssd.ssd_quadratic, static_argnames=_STATIC),
-}
-_STEP = jax.jit(ssd.ssd_step, static_argnames=("dt_softplus", "dt_limit"))
-_READOUT = jax.jit(ssd.ssd_readout)
-FORMS = tuple(_JITTED)
-TIME_ARRAYS = ("x", "dt", "B", "C", "z")  # the arguments with an l axis (axis 1)
-
-
-def run_form(form: str, kw: dict, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(y, final_state) of one jitted equiv.ssd form, as numpy."""
-    extra = {"chunk_size": chunk_size} if form == "chunked" else {}
-    y, state = _JITTED[form](**kw, **extra, return_final_states=True)
-    return np.asarray(y), np.asarray(state)
-
-
-def run_steps(kw: dict) -> tuple[np.ndarray, np.ndarray]:
-    """ssd_step token by token from the host: the decode loop a user writes."""
-    b, l, h, p = kw["x"].shape
-    n = kw["B"].shape[-1]
-    state = kw["initial_states"]
-    state = np.zeros((b, h, p, n), np.float32) if state is None else state
-    at = lambda a, t: None if a is None else a[:, t]  # noqa: E731
-    ys = []
-    for t in range(l):
-        y, state = _STEP(state, kw["x"][:, t], kw["dt"][:, t], kw["A"], kw["B"][:, t], kw["C"][:, t],
-                         D=kw["D"], z=at(kw["z"], t), dt_bias=kw["dt_bias"],
-                         dt_softplus=kw["dt_softplus"], dt_limit=kw["dt_limit"])
-        ys.append(np.asarray(y))
-    return np.stack(ys, axis=1), np.asarray(state)
-
-
-def run_readout(state: np.ndarray, kw: dict) -> np.ndarray:
-    """ssd_readout of `state` at the last position of kw: that position's y, if `state` is the
-    state after it."""
-    z = kw["z"]
-    return np.asarray(_READOUT(state, kw["x"][:, -1], kw["C"][:, -1], D=kw["D"],
-                               z=None if z is None else z[:, -1]))
-
-
-def time_slice(kw: dict, lo: int, hi: int | None = None, **replace) -> dict:
-    """kw restricted to tokens [lo, hi), other entries replaced by keyword."""
-    out = {k: (v[:, lo:hi] if k in TIME_ARRAYS and v is not None else v) for k, v in kw.items()}
-    out.update(replace)
-    return out
-
+from equiv.ssd_harness import (  # noqa: F401 - re-exported for the tests
+    FORMS,
+    JITTED,
+    TIME_ARRAYS,
+    assert_close_by_budget,
+    check_budget,
+    run_form,
+    run_readout,
+    run_steps,
+    time_slice,
+)
 
 # ---------------------------------------------------------------------------------------------
 # torch side (imported lazily: torch and transformers cost seconds to import)
@@ -81,51 +38,21 @@ def oracles():
     return ssd_oracles
 
 
-def oracle(kw: dict) -> tuple[np.ndarray, np.ndarray]:
+@functools.cache
+def references():
+    """The torch references object the property tests run with (one torch thread, as `oracles`)."""
+    oracles()
+    from equiv_reference.ssd_references import TorchSSDReferences
+
+    return TorchSSDReferences()
+
+
+def oracle(kw: dict):
     """The float64 sequential recurrence: the ground truth."""
-    return oracles().ssd_oracle_fp64(**kw)
+    return references().oracle(kw)
 
 
 def torch_reference(form: str, kw: dict, chunk_size: int | None = None):
-    """The torch float32 counterpart of an equiv.ssd form, whose own error sets the budget:
-    chunked -> transformers' `mamba2_chunk_scan` at the same chunk size; quadratic -> the same at
-    one chunk of the whole length (its intra-chunk part is the quadratic form); scan and step ->
-    the sequential recurrence in float32 (what `selective_state_update` does token by token)."""
-    o = oracles()
-    if form == "chunked":
-        return o.transformers_chunk_scan(**kw, chunk_size=chunk_size)
-    if form == "quadratic":
-        return o.transformers_chunk_scan(**kw, chunk_size=kw["x"].shape[1])
-    import torch
-
-    return o.ssd_oracle_fp64(**kw, dtype=torch.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# checks
-
-
-def check_budget(name: str, port, reference, oracle_out) -> list[TapComparison]:
-    """The error budget on y and on the final state: port vs oracle within budget x the torch
-    reference's own error vs oracle (equiv.compare)."""
-    return [assert_within_budget(f"{name}.y", port[0], reference[0], oracle_out[0]),
-            assert_within_budget(f"{name}.state", port[1], reference[1], oracle_out[1])]
-
-
-def assert_close_by_budget(name: str, a: np.ndarray, b: np.ndarray, reference, oracle_arr) -> None:
-    """Two float32 results of the same mathematical quantity agree directly, by the triangle bound
-    of the error budget: if each were within the budget of the oracle (the RMS criterion and the
-    max-error guard of equiv.compare, relative to the torch reference's own error on these inputs),
-    they would differ by at most twice each bound. Used where only one side is budget-checked in
-    the same test, so the check is not implied by the others."""
-    ref = compare_tap(name, reference, reference, oracle_arr)
-    floor_max = FLOOR_ULPS * ulp_at(float(np.abs(oracle_arr).max()), "float32")
-    tol_rms = 2 * tolerance("float32").budget * max(ref.err_ref, ref.floor)
-    tol_max = 2 * tolerance("float32", "max_error_guard").budget * max(ref.max_err_ref, floor_max)
-    diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
-    rms, worst = float(np.sqrt(np.mean(diff**2))), np.unravel_index(int(np.argmax(diff)), diff.shape)
-    if not (rms <= tol_rms and diff.max() <= tol_max):
-        raise AssertionError(
-            f"{name}: RMS |a - b| {rms:.3g} (bound {tol_rms:.3g}), max {diff.max():.3g} at "
-            f"{list(map(int, worst))} (bound {tol_max:.3g}); the reference's own error: RMS "
-            f"{ref.err_ref:.3g}, max {ref.max_err_ref:.3g}, floor {ref.floor:.3g}")
+    """The torch float32 counterpart of an equiv.ssd form, whose own error sets the budget
+    (TorchSSDReferences.reference says which)."""
+    return references().reference(form, kw, chunk_size)
