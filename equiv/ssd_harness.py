@@ -141,3 +141,24 @@ def assert_close_by_budget(name: str, a: np.ndarray, b: np.ndarray, reference, o
             f"{name}: RMS |a - b| {rms:.3g} (bound {tol_rms:.3g}), max {diff.max():.3g} at "
             f"{list(map(int, worst))} (bound {tol_max:.3g}); the reference's own error: RMS "
             f"{ref.err_ref:.3g}, max {ref.max_err_ref:.3g}, floor {ref.floor:.3g}")
+
+
+def assert_within_triangle_bound(name: str, value, truth, terms) -> None:
+    """`value` is a float32 combination sum_i w_i t_i of correct float32 results t_i: its error vs
+    `truth` (the oracle of the combination) is at most sum_i |w_i| x (budget x the reference's own
+    error on t_i), for the RMS and, with the max-error guard, for the max, plus float32 rounding of
+    the combination itself. `terms`: [(|w_i|, reference_i, oracle_i)]."""
+    budget, guard = tolerance("float32").budget, tolerance("float32", "max_error_guard").budget
+    tol_rms = tol_max = 0.0
+    for weight, reference, oracle_arr in terms:
+        ref = compare_tap(name, reference, reference, oracle_arr)
+        floor_max = FLOOR_ULPS * ulp_at(float(np.abs(oracle_arr).max()), "float32")
+        tol_rms += weight * budget * max(ref.err_ref, ref.floor)
+        tol_max += weight * guard * max(ref.max_err_ref, floor_max)
+    rounding = FLOOR_ULPS * ulp_at(float(np.abs(truth).max()), "float32")
+    diff = np.abs(np.asarray(value, np.float64) - np.asarray(truth, np.float64))
+    rms = float(np.sqrt(np.mean(diff**2)))
+    if not (rms <= tol_rms + rounding and diff.max() <= tol_max + rounding):
+        worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        raise AssertionError(f"{name}: RMS error {rms:.3g} (bound {tol_rms + rounding:.3g}), max "
+                             f"{diff.max():.3g} at {list(map(int, worst))} (bound {tol_max + rounding:.3g})")

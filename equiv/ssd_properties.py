@@ -107,8 +107,12 @@ def readout_of_final_state_is_last_output(inst: SSDInstance, refs: SSDReferences
 
 def linearity_in_x(inst: SSDInstance, refs: SSDReferences, k: int, coef: float) -> None:
     """y is linear in (x, initial state). Scaling both by 2**k is exact in floating point, so the
-    chunked form must be exactly homogeneous; additivity y(x1 + c x2) = y(x1) + c (y(x2) - y(0))
-    (with the same initial state throughout) is checked by the budget."""
+    chunked form must be exactly homogeneous. Additivity, y(x1 + c x2) = y(x1) + c (y(x2) - y(0))
+    with the same initial state throughout, is checked against the oracle of the sum, within the
+    triangle bound of its three terms' budgets: the combination cancels, so the reference's error
+    on the combined value can be far below what three correct float32 runs add up to (comparing
+    with it raised false alarms, about 1 in 6,000-10,000 random examples, with the torch
+    references as with the numpy ones)."""
     kw, q = inst.kwargs(), inst.chunk_size
     scale = np.float32(2.0**k)
     h0 = kw["initial_states"]
@@ -120,16 +124,17 @@ def linearity_in_x(inst: SSDInstance, refs: SSDReferences, k: int, coef: float) 
 
     x2 = np.random.default_rng(inst.regime.seed + 1).standard_normal(kw["x"].shape).astype(np.float32)
     c = np.float32(coef)
-    zero = np.zeros_like(kw["x"])
-
-    def combined(run):
-        a, b, z0 = (run({**kw, "x": x}) for x in (kw["x"], x2, zero))
-        return a[0] + c * (b[0] - z0[0]), a[1] + c * (b[1] - z0[1])
-
-    port = combined(lambda k_: H.run_form("chunked", k_, q))
-    ref = combined(lambda k_: refs.reference("chunked", k_, q))
-    truth = refs.oracle({**kw, "x": kw["x"].astype(np.float64) + np.float64(c) * x2})
-    H.check_budget("y(x1) + c (y(x2) - y(0))", port, ref, truth)
+    parts = {"x1": kw["x"], "x2": x2, "0": np.zeros_like(kw["x"])}
+    weights = {"x1": 1.0, "x2": abs(float(c)), "0": abs(float(c))}
+    port = {n: H.run_form("chunked", {**kw, "x": x}, q) for n, x in parts.items()}
+    ref = {n: refs.reference("chunked", {**kw, "x": x}, q) for n, x in parts.items()}
+    truth = {n: refs.oracle({**kw, "x": x}) for n, x in parts.items()}
+    truth_sum = refs.oracle({**kw, "x": kw["x"].astype(np.float64) + np.float64(c) * x2})
+    for i, what in enumerate(("y", "state")):
+        combined = port["x1"][i] + c * (port["x2"][i] - port["0"][i])
+        H.assert_within_triangle_bound(
+            f"y(x1) + c (y(x2) - y(0)): {what}", combined, truth_sum[i],
+            [(weights[n], ref[n][i], truth[n][i]) for n in parts])
 
 
 def causality_bit_exact(inst: SSDInstance, refs: SSDReferences, t: int) -> None:

@@ -132,7 +132,7 @@ def test_installed_transformers_is_in_the_tested_range_and_its_bodies_are_found(
     """The real module: every dispatched function resolves to its def, however it is wrapped."""
     mm = prov.import_modeling_mamba2()
     if transformers.__version__ not in tested_versions.supported_transformers():
-        pytest.skip(f"transformers {transformers.__version__} is outside the tested set (the matrix's newest leg)")
+        pytest.skip(f"transformers {transformers.__version__} is outside the tested set (matrix: newest leg)")
     for name in prov.dispatched_names(mm):
         body, how = prov.torch_body(mm, name)
         assert body.__name__ == name and body.__code__.co_filename == mm.__file__, how
