@@ -199,7 +199,9 @@ def register_diff(subparsers) -> None:
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--mode", default="accumulated", choices=("accumulated", "isolated"))
     p.add_argument("--budget", type=_budget, default=None,
-                   help="error-budget ratio (default: the tolerance table's, 2 for float32, 4 for bfloat16)")
+                   help="error-budget ratio (default: the tolerance table's for --dtype and --mode: "
+                        "float32 3 accumulated, 2 isolated; bfloat16 6, 4). The max-error guard scales "
+                        "with it")
     p.add_argument("--out", type=Path, default=None, help="write report.json/.md/.html and ratio.png here")
     p.set_defaults(func=run_diff)
 

@@ -3,7 +3,7 @@
 For a batch of prompts: the port's on-device `generate` against the reference's own generate
 (transformers `generate(do_sample=False)`), then teacher-forced logits along the reference's
 trajectory compared by the error budget against the float64 oracle's *full* forward (no cache: the
-reference's cache path can be wrong too, known-bugs.md rows 4 and 5, so it is checked separately
+reference's cache path can be wrong too, docs/porting-bugs.md #4 and #5, so it is checked separately
 against its own full forward).
 
 On the first token mismatch the step is classified:

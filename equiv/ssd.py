@@ -6,7 +6,7 @@ Argument names and layouts follow mamba_ssm's `mamba_chunk_scan_combined` and
     x (b, l, h, p)   dt (b, l, h)   A (h,)   B, C (b, l, g, n)   D (h,) or (h, p)   z like x
     initial_states (b, h, p, n)
 
-Head j reads group j // (h / g) (repeat_interleave semantics, known-bugs.md row 1). We never
+Head j reads group j // (h / g) (repeat_interleave semantics, docs/porting-bugs.md #1). We never
 materialise the repeat: heads are viewed as (g, r) with h = g * r and every einsum carries both.
 
 All arithmetic runs in float32 whatever the input dtype (bfloat16 inputs get float32 state and
@@ -89,7 +89,7 @@ def discretize_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT
     """dt -> softplus(dt + dt_bias), clamped to dt_limit, in float32.
 
     Mirrors the Triton kernels: torch's softplus threshold of 20 (identity above it), and the clamp
-    applied only when dt_limit is not the default (known-bugs.md row 4: prefill and decode share
+    applied only when dt_limit is not the default (docs/porting-bugs.md #4: prefill and decode share
     this one function so they can't disagree)."""
     dt = dt.astype(jnp.float32)
     if dt_bias is not None:
@@ -189,7 +189,7 @@ def segsum(a: jax.Array, block: int = 16) -> jax.Array:
     """segsum(a)[..., i, j] = sum_{k=j+1..i} a[..., k] for i >= j, -inf above the diagonal.
 
     Never cumsum[i] - cumsum[j]: that difference cancels catastrophically when the cumulative decay
-    is large and the segment short (known-bugs.md row 10). Every entry here is a direct sum of
+    is large and the segment short (docs/porting-bugs.md #10). Every entry here is a direct sum of
     same-sign terms (dA <= 0), so nothing cancels. A masked cumsum over the whole q x q grid does
     the same but costs O(q^2 log q) per chunk; instead q is split in blocks (`_two_level`)."""
     q = a.shape[-1]
@@ -243,7 +243,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initia
     A position sees its own sub-block through the masked quadratic form, and every earlier sub-block
     of its chunk through that sub-block's end state; chunk_size still fixes the sequential part (the
     state entering each chunk, and the final state). Every decay is exp of a direct sum of same-sign
-    terms, or a product of such exps: nothing is a difference of cumulative sums (known-bugs row 10)."""
+    terms, or a product of such exps: nothing is a difference of cumulative sums
+    (docs/porting-bugs.md #10)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ShapeError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
     s_in = _prepare(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, dt_limit)

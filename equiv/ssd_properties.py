@@ -2,7 +2,7 @@
 
 Every property takes an `SSDInstance` (equiv.strategies) and an `SSDReferences` object
 (equiv.ssd_harness): the float64 oracle and the float32 counterpart of each form, whose own error
-against the oracle sets the budget (design.md, "the error budget"): the port's error is at most
+against the oracle sets the budget (docs/design.md, "The error budget"): the port's error is at most
 `budget` x that reference's on the same inputs; where two port results of the same quantity are
 compared directly, they must agree within the triangle bound of that budget. Properties that hold
 exactly in floating point (causality, power-of-two homogeneity) are checked bit for bit. A
@@ -65,8 +65,8 @@ def chunk_size_invariance(inst: SSDInstance, refs: SSDReferences) -> None:
 
 
 def split_prefill_equals_one_pass(inst: SSDInstance, refs: SSDReferences) -> None:
-    """Run [0, t), hand its final state to a run of [t, l): the same as one pass (known-bugs.md
-    rows 5 and 7; t aligned to the chunk in some buckets, not in others)."""
+    """Run [0, t), hand its final state to a run of [t, l): the same as one pass
+    (docs/porting-bugs.md #5 and #7; t aligned to the chunk in some buckets, not in others)."""
     kw, t, q = inst.kwargs(), inst.bucket.split, inst.chunk_size
     truth = refs.oracle(kw)
     y1, s1 = H.run_form("chunked", H.time_slice(kw, 0, t), q)
@@ -194,7 +194,7 @@ FP32_NOISE_ULPS = 64
 
 def bfloat16_inputs(inst: SSDInstance, refs: SSDReferences) -> None:
     """bf16 x, dt, B, C, z: outputs finite, in bf16, within BF16_OUTPUT_ULPS of the float32 result
-    on the same values; the state stays float32 (known-bugs.md row 9). Two buckets (every optional
+    on the same values; the state stays float32 (docs/porting-bugs.md #9). Two buckets (every optional
     argument between them): a bf16 executable is one more compile per bucket."""
     del refs  # compared with the float32 run of the same values, not with the oracle
     kw, q = inst.kwargs(), inst.chunk_size

@@ -66,9 +66,9 @@ class Bucket:
 
 
 # Coverage: l % chunk != 0 (A, C), l < chunk (B), l >> chunk (C), chunk 1 (D); g = 1 (B, C), g = h
-# (D), 1 < g < h (A: where tiling and repeat_interleave differ, known-bugs.md row 1); D (h,) and
-# (h, p) (row 8); dt_limit upper (C) and lower (D) (row 4); splits aligned (A, D) and unaligned
-# (B, C) (row 7). Four buckets: each costs every form a compile per test process.
+# (D), 1 < g < h (A: where tiling and repeat_interleave differ, docs/porting-bugs.md #1); D (h,) and
+# (h, p) (#8); dt_limit upper (C) and lower (D) (#4); splits aligned (A, D) and unaligned
+# (B, C) (#7). Four buckets: each costs every form a compile per test process.
 BUCKETS: tuple[Bucket, ...] = (
     Bucket("A-tail", b=1, l=13, h=4, p=8, n=8, g=2, chunk=4,
            structure=Structure(initial_state=True, D="h", z=True, dt_softplus=True, dt_bias=True),

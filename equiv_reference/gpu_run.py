@@ -1,7 +1,7 @@
 """GPU run (`nox -s gpu`, or `python -m equiv_reference.gpu_run --out DIR`): what CI cannot do.
 
 1. SSD equivalence on the GPU: equiv.ssd.ssd_chunked (JAX, matmul precision "highest" and JAX's GPU
-   default, which runs float32 matmuls as TF32: known-bugs.md row 11) and mamba_ssm's Triton
+   default, which runs float32 matmuls as TF32: docs/porting-bugs.md #11) and mamba_ssm's Triton
    `mamba_chunk_scan_combined` (when importable) against the float64 oracle, by the error budget
    with transformers' torch chunk scan (fp32, TF32 off) as the reference.
 2. The built-in port on the GPU against the torch reference on every bundled fixture (layer-wise,

@@ -42,7 +42,7 @@ BASE = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, state_size=16, h
 @dataclass(frozen=True, kw_only=True)
 class TinySpec:
     """Attributes: name: directory name. seed: PCG64 seed. overrides: transformers config changes
-    from BASE. purpose: what the fixture exercises (known-bugs.md rows)."""
+    from BASE. purpose: what the fixture exercises (numbers of docs/porting-bugs.md)."""
 
     name: str
     seed: int
@@ -56,13 +56,13 @@ class TinySpec:
 SPECS = (
     TinySpec(name="tiny-g1", seed=1001, purpose="n_groups=1: B/C shared by all heads"),
     TinySpec(name="tiny-g2", seed=1002, overrides=dict(n_groups=2),
-             purpose="1 < g < h: B/C expansion order and per-group gated norm (known-bugs rows 1, 2)"),
+             purpose="1 < g < h: B/C expansion order and per-group gated norm (docs/porting-bugs.md #1, #2)"),
     TinySpec(name="tiny-gh", seed=1003, overrides=dict(n_groups=8), purpose="g = h: one group per head"),
     TinySpec(name="tiny-untied", seed=1004, overrides=dict(n_groups=2, tie_word_embeddings=False),
              purpose="separate lm_head weight"),
     TinySpec(name="tiny-dtlimit-bias", seed=1005,
              overrides=dict(n_groups=2, time_step_limit=(0.05, 0.5), use_bias=True),
-             purpose="dt clamp active on both bounds (known-bugs row 4) and in/out_proj biases"),
+             purpose="dt clamp active on both bounds (docs/porting-bugs.md #4) and in/out_proj biases"),
 )
 
 

@@ -326,7 +326,7 @@ class MambaSsmRunner:
         if (lo, hi) != (0.0, float("inf")):
             out.append(f"time_step_limit={[lo, hi]}: Mamba2.step calls selective_state_update without "
                        "dt_limit, Mamba2.forward clamps dt: step_logits and generate differ from run() "
-                       "(known-bugs.md row 4, mamba#448)")
+                       "(docs/porting-bugs.md #4, mamba#448)")
         return out
 
     def provenance(self) -> dict:

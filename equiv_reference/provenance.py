@@ -7,7 +7,7 @@ causal_conv1d kernels instead of the torch body when those packages import at th
 `modeling_mamba2`; with the `kernels` package installed (a dependency from 5.25), each function is
 an `nn.Module` instance with no `__wrapped__`, and 5.25 adds `causal_conv1d_forward` and
 `mamba2_scan_forward` (the conv and the scan with their cache handling). On a CPU machine with
-mamba_ssm installed a bound kernel crashes the forward (known-bugs.md row 12). This module controls
+mamba_ssm installed a bound kernel crashes the forward (docs/porting-bugs.md #12). This module controls
 it in three places:
 
 1. import: `import_modeling_mamba2()` imports the module with both kernel packages made

@@ -64,8 +64,8 @@ class TrainConfig:
 
 
 # hidden 256, 4 layers, 16 heads of 32, state 32 (64 costs 25% more per step on this CPU), 2 groups
-# (g > 1 so the group-wise bugs of known-bugs.md #1, #2 show up on this fixture too), chunk 64 < seq_len
-# so the inter-chunk recurrence is exercised. 1.8 M parameters, 7.2 MB of float32.
+# (g > 1 so the group-wise bugs of docs/porting-bugs.md #1, #2 show up on this fixture too), chunk 64 <
+# seq_len so the inter-chunk recurrence is exercised. 1.8 M parameters, 7.2 MB of float32.
 MODEL_KW = dict(vocab_size=tok.VOCAB_SIZE, hidden_size=256, num_hidden_layers=4, state_size=32, head_dim=32,
                 num_heads=16, expand=2, n_groups=2, conv_kernel=4, chunk_size=64, use_bias=False,
                 use_conv_bias=True, tie_word_embeddings=True, residual_in_fp32=True,

@@ -230,12 +230,13 @@ class TransformersRunner:
         if (lo, hi) != (0.0, float("inf")):
             out.append(f"time_step_limit={[lo, hi]}: transformers' cached decode step "
                        "(mamba2_selective_state_update) does not clamp dt, its full forward does: "
-                       "step_logits and generate differ from run() (known-bugs.md row 4, transformers#35154)")
+                       "step_logits and generate differ from run() "
+                       "(docs/porting-bugs.md #4, transformers#35154)")
         if self.config.use_bias:
             out.append("use_bias=True: Mamba2Mixer masks in_proj's input, not its output, so a padded "
                        "position's in_proj output is the bias and reaches the causal conv of the next "
                        "k-1 real tokens: a left-padded row differs from the sequence alone "
-                       "(known-bugs.md row 6)")
+                       "(docs/porting-bugs.md #6)")
         return out
 
     def provenance(self) -> dict:
@@ -254,8 +255,8 @@ class TransformersRunner:
                 "blocked_packages": list(prov.KERNEL_PACKAGES),
                 "why": "transformers binds mamba_ssm / causal_conv1d kernels when they are importable at its "
                        "first import of modeling_mamba2, and they crash a CPU forward; the reference is "
-                       "defined as the torch fallback (design.md), so the packages are hidden at that import "
-                       "and every dispatched call runs the torch body",
+                       "defined as the torch fallback (docs/design.md), so the packages are hidden at that "
+                       "import and every dispatched call runs the torch body",
             },
             "float64_lift": {"active": self.lift, "lifted_casts": dict(sorted(self.lifted_sites.items()))}
             if self.dtype == "float64" else None,

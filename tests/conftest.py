@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 from hypothesis import HealthCheck, settings
 
-# Equinox-style strictness (conventions.md 7, 8): implicit rank promotion hides broadcasting bugs,
+# Equinox-style strictness: implicit rank promotion hides broadcasting bugs,
 # and float32 verification must not silently run reduced-precision matmuls.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")

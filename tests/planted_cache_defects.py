@@ -1,6 +1,7 @@
 """Planted defects in the cache and decode paths (dt clamp in the step, a forward with a cache that
 forgets it, initial-state decay at an unaligned offset, per-head-dim D in the step, bf16 state):
-each caught by a decode or continuation check against the full forward."""
+each caught by a decode or continuation check against the full forward. "Row N" is porting bug #N
+of docs/porting-bugs.md."""
 
 from __future__ import annotations
 

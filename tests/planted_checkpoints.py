@@ -1,5 +1,6 @@
-"""The two checkpoints the planted-defect tests write to tmp_path (rows 8 and 10), and a float64
-numpy Mamba-2 forward: the oracle for the row 8 checkpoint, which the torch reference cannot load."""
+"""The two checkpoints the planted-defect tests write to tmp_path (rows 8 and 10: porting bugs
+#8 and #10 of docs/porting-bugs.md), and a float64 numpy Mamba-2 forward: the oracle for the row 8
+checkpoint, which the torch reference cannot load."""
 
 from __future__ import annotations
 

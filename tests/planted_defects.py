@@ -1,5 +1,6 @@
-"""Deliberately broken variants of the built-in port, one per row of known-bugs.md plus a few
-extras: the catalogue `DEFECTS` and `plant`. The broken functions live by where the defect is
+"""Deliberately broken variants of the built-in port, one or more per porting bug of
+docs/porting-bugs.md (its number is the defect's `row`) plus a few extras: the catalogue `DEFECTS`
+and `plant`. The broken functions live by where the defect is
 (tests/planted_mixer_defects.py, planted_cache_defects.py, planted_numerics_defects.py), the
 machinery that swaps them into the port in tests/planting.py, and the checkpoints rows 8 and 10
 write (with a float64 numpy oracle) in tests/planted_checkpoints.py.
@@ -14,7 +15,7 @@ from tests.planted_numerics_defects import NUMERICS_DEFECTS
 from tests.planting import Defect, PlantedModel
 
 DEFECTS = {d.name: d for d in sorted((*MIXER_DEFECTS, *CACHE_DEFECTS, *NUMERICS_DEFECTS),
-                                     key=lambda d: int(d.row or 99))}  # known-bugs row order, extras last
+                                     key=lambda d: int(d.row or 99))}  # porting-bugs.md order, extras last
 
 __all__ = ["DEFECTS", "Defect", "PlantedModel", "decay_from_chunk_start", "plant"]
 

@@ -1,5 +1,6 @@
 """Planted defects in the mixer's prefill ops (B/C expansion, gated norm, dt clamp, padding mask,
-softplus, the sign of A, conv causality): each flagged by the layer-wise diff at its op."""
+softplus, the sign of A, conv causality): each flagged by the layer-wise diff at its op. "Row N" is
+porting bug #N of docs/porting-bugs.md."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Planted numerics defects: a cancelling segsum (row 10, tests/planted_ssd.py) and TF32 matmuls
-(row 11); the math is right, the float32 rounding is not."""
+(row 11); the math is right, the float32 rounding is not. "Row N" is porting bug #N of
+docs/porting-bugs.md."""
 
 from __future__ import annotations
 

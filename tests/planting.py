@@ -78,8 +78,8 @@ def _shared_op(name):
 
 @dataclass(frozen=True)
 class Defect:
-    """Attributes: name. row: known-bugs.md row ('' for extras). overrides: ((module, attribute,
-    broken function), ...). description: what is wrong, in one line."""
+    """Attributes: name. row: its number in docs/porting-bugs.md ('' for extras). overrides:
+    ((module, attribute, broken function), ...). description: what is wrong, in one line."""
 
     name: str
     row: str

@@ -1,6 +1,6 @@
 """Every bad input of the loading path raises one documented EquivError subclass, with a one-line
 message saying what was expected and what came, raised by equiv's own code (never a traceback from
-inside json, numpy, JAX or torch, never a silent wrong answer). Issue 6, item 1.
+inside json, numpy, JAX or torch, never a silent wrong answer).
 
 CASES is the one catalogue: the test runs each case, and
 

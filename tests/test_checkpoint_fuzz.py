@@ -1,4 +1,4 @@
-"""Fuzzing the loading path (issue 6, item 3): a valid tiny checkpoint (the tiny-g2 fixture, in
+"""Fuzzing the loading path: a valid tiny checkpoint (the tiny-g2 fixture, in
 transformers and in mamba_ssm format) corrupted at every layer: flipped bytes, truncation, edited
 safetensors headers (dtype, shape, offsets, entries, header length), edited config.json values (every
 known and some unknown keys, values of every JSON type), and edited tensors (removed, added, swapped,
@@ -104,7 +104,7 @@ def check_outcome(ckpt: Path, dtype: str = "float32", test: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# strategies: each draws one whole corrupted checkpoint (conventions.md 10)
+# strategies: each draws one whole corrupted checkpoint
 
 WEIRD_JSON = st.one_of(
     st.integers(-3, 300), st.sampled_from([0, -1, 2**31, 2**63, 10**30]), st.booleans(), st.none(),

@@ -1,4 +1,4 @@
-"""Strict config parsing (issue 6, item 4): numerics-affecting attributes the port does not know are
+"""Strict config parsing: numerics-affecting attributes the port does not know are
 refused by name, the allow-listed harmless ones change nothing, mamba_ssm configs (ssm_cfg, D_has_hdim,
 pad_vocab_size_multiple) parse, and a key missing from config.json takes the upstream class default
 (checked against transformers' `Mamba2Config` itself and against mamba_ssm's source)."""

@@ -1,7 +1,7 @@
 """The mamba2-jax adapter (equiv/adapters/mamba2_jax.py) against the built-in port on tiny checkpoints.
 
 Both ports compute the same Mamba-2 in float32 with different op orders (and mamba2-jax's
-cumsum-difference segsum, known-bugs.md row 10), so they agree to float32 rounding, not bit for
+cumsum-difference segsum, docs/porting-bugs.md #10), so they agree to float32 rounding, not bit for
 bit: measured worst tap difference ~5e-6 of the tap's scale on these checkpoints. The bound below
 (5e-5 of scale) leaves 10x for other CPUs while any real defect (wrong gate order, a missing D skip,
 a wrong group mapping) moves a tap by O(1) of its scale.

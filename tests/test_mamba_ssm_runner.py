@@ -299,7 +299,7 @@ def test_runner_through_the_triton_interpreter_matches_the_oracle():
     within float32 rounding of the float64 oracle (checked directly: a wrong reference tap would only
     make the budget's denominator large), the built-in port passes the budget against it, decode
     matches, masks are refused, and the cached decode ignores time_step_limit (mamba_ssm's step has
-    no dt clamp: known-bugs.md row 4)."""
+    no dt clamp: docs/porting-bugs.md #4)."""
     out = _python(_INTERPRETED, TRITON_INTERPRET="1", MAMBA_DETERMINISTIC="1")
     g2 = out["tiny-g2"]
     assert g2["verdict"] == "equivalent" and g2["counts"]["pass"] == g2["counts"]["total"] == 17, g2

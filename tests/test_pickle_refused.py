@@ -1,4 +1,4 @@
-"""No code execution from checkpoints (issue 6, item 2): a `.bin` is a pickle, and the loader opens
+"""No code execution from checkpoints: a `.bin` is a pickle, and the loader opens
 it only through `torch.load(weights_only=True)`. Each test plants a payload whose unpickling would
 create a marker file, loads the checkpoint directory through the public entry points, and checks
 that the load is refused with a CheckpointError and that the marker never appeared. A control test

@@ -1,7 +1,9 @@
-"""Proof that the verdicts mean something: every row of known-bugs.md planted in the correct port
-(tests/planted_defects.py) is flagged by the suite at the right tap or by the right check, and a
-planted defect that is harmless on a fixture (tiled B/C with g = 1 or g = h) is not flagged there.
-The correct port's side of each check is tests/test_no_false_alarms.py (and tests/test_port.py).
+"""Proof that the verdicts mean something: every porting bug of docs/porting-bugs.md that a port
+can have ("row N" below is bug #N there), planted in the correct port (tests/planted_defects.py),
+is flagged by the suite at the right tap or by the right check, and a planted defect that is
+harmless on a fixture (tiled B/C with g = 1 or g = h) is not flagged there. (Porting bug #12 is
+about the reference, not a port: tests/test_transformers_runner.py.) The correct port's side of
+each check is tests/test_no_false_alarms.py (and tests/test_port.py).
 
 Variants run through the port's own code paths with each sub-op jitted separately (see
 tests/planting.py: one whole-forward compile per variant would cost minutes); the first test

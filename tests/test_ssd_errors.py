@@ -1,5 +1,5 @@
 """Bad arguments to the SSD forms raise equiv.errors.ShapeError naming the dimension, what was
-expected and what came (conventions.md 11), before anything is traced."""
+expected and what came, before anything is traced."""
 
 from __future__ import annotations
 

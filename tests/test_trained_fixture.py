@@ -57,7 +57,7 @@ def test_config_matches_tokenizer(record):
     assert (cfg["vocab_size"], cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (
         tok.VOCAB_SIZE, tok.BOS_ID, tok.EOS_ID, tok.PAD_ID)
     assert record["tokenizer"]["vocab_size"] == tok.VOCAB_SIZE
-    assert cfg["n_groups"] > 1, "g > 1 keeps the group-wise bugs (known-bugs #1, #2) visible"
+    assert cfg["n_groups"] > 1, "g > 1 keeps the group-wise bugs (docs/porting-bugs.md #1, #2) visible"
     assert cfg["chunk_size"] < record["train_config"]["seq_len"]
 
 

@@ -1,6 +1,6 @@
 """The transformers reference runner (equiv_reference/transformers_runner.py) on the tiny fixtures: taps
 and their shapes, the derived conv tap against a hand-computed conv, float64 vs float32, the float64
-cast lift, the reference's own cache against its full forward (known-bugs rows 4-5), left padding
+cast lift, the reference's own cache against its full forward (docs/porting-bugs.md #4, #5), left padding
 in generate, eos handling, and that the torch fallback ran even with mamba_ssm installed."""
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def test_float64_run_is_float64_inside(runners):
 
 
 def test_step_logits_equal_the_full_forward_across_chunk_boundaries(runners):
-    """The reference's own cache (known-bugs row 5): prefill + one-token steps == full forward, float64,
-    at prompt lengths straddling chunk_size 16 (prefill through the chunked scan with a carried state)."""
+    """The reference's own cache (docs/porting-bugs.md #5): prefill + one-token steps == full forward,
+    float64, at prompt lengths straddling chunk_size 16 (prefill through the chunked scan with a carried
+    state)."""
     r = runners("tiny-g2", "float64")
     ids = _ids(2, 2 * 16 + 3, seed=3)
     full = r.run(ids)["logits"]
@@ -135,7 +136,7 @@ def test_step_logits_equal_the_full_forward_across_chunk_boundaries(runners):
 
 
 def test_reference_cached_decode_ignores_time_step_limit(runners, monkeypatch):
-    """Known-bugs row 4 in the reference itself: transformers 5.23 calls
+    """Porting bug #4 (docs/porting-bugs.md) in the reference itself: transformers 5.23 calls
     `mamba2_selective_state_update` (one decode step) without dt_limit and its torch body has no
     clamp, so with an active clamp the cached decode != the full forward. Pinned, with the cause
     shown: clamping dt in that one function makes them agree to rounding."""

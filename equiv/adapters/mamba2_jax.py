@@ -17,7 +17,7 @@ What it can and cannot provide, learned from its source (mamba2_jax/modeling.py,
 * its code broadcasts (d,) against (b, l, d) implicitly, so every call into it runs under
   `jax.numpy_rank_promotion("allow")`; the suite's own code stays under "raise".
 * matmul precision: the adapter sets none; `info()` records `jax_default_matmul_precision` as the
-  caller left it (None = JAX's default, which on GPU runs float32 matmuls as TF32, known-bugs row 11).
+  caller left it (None = JAX's default, which on GPU runs float32 matmuls as TF32, docs/porting-bugs.md #11).
 
 mamba2_jax is imported lazily so `equiv` imports without it.
 """

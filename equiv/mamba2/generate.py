@@ -17,7 +17,7 @@ from equiv.mamba2.model import Cache, decode_step, forward
 
 TRACES = {"prefill": 0, "decode_loop": 0, "decode_step": 0}
 """Trace counters: incremented only while JAX traces, so a test can assert the loop compiles once
-per shape (conventions.md 9: guard the decode loop against retracing)."""
+per shape (the decode loop is guarded against retracing)."""
 
 
 @partial(jax.jit, static_argnames=("cfg",))

@@ -24,7 +24,7 @@ class Cache(NamedTuple):
     """Decode state, stacked over layers: O(1) in the sequence length.
 
     conv: (L, b, k-1, conv_dim) the last k-1 conv inputs (model dtype).
-    ssm:  (L, b, h, p, n) the SSM state, always float32 (known-bugs.md row 9)."""
+    ssm:  (L, b, h, p, n) the SSM state, always float32 (docs/porting-bugs.md #9)."""
 
     conv: jax.Array
     ssm: jax.Array
@@ -111,7 +111,7 @@ def rms_norm(x, w, eps, spans=None):
 
 def gated_rms_norm(y, z, w, eps, n_groups, spans=None):
     """Mirrors transformers `MambaRMSNormGated` with norm_before_gate=False: gate first, then
-    normalise each group of d_inner / g channels separately (known-bugs.md rows 2 and 3). With
+    normalise each group of d_inner / g channels separately (docs/porting-bugs.md #2 and #3). With
     `spans`, the output comes as a tuple of those column blocks, bit for bit the same."""
     yf = y.astype(f32) * silu(z.astype(f32))
     *lead, e = yf.shape
@@ -138,7 +138,7 @@ def causal_conv(xBC, w, b, conv_state):
 
 
 def _masked(x, mask):
-    """Zero padded positions (mirrors `apply_mask_to_padding_states`, known-bugs.md row 6)."""
+    """Zero padded positions (mirrors `apply_mask_to_padding_states`, docs/porting-bugs.md #6)."""
     if isinstance(x, tuple):
         return tuple(_masked(xb, mask) for xb in x)
     return x if mask is None else x * jnp.broadcast_to(mask[..., None], x.shape).astype(x.dtype)
@@ -260,7 +260,7 @@ def forward(params, cfg: Mamba2Config, ids, mask=None, cache: Cache | None = Non
     """ids (b, l) -> (logits, cache, taps).
 
     Continues from `cache` when given (chunked prefill: the conv window and the SSM state carry
-    over, known-bugs.md rows 5 and 7). logits are (b, l, v), or (b, v) for the last position only
+    over, docs/porting-bugs.md #5 and #7). logits are (b, l, v), or (b, v) for the last position only
     when `last_logits_only` (prefill needs no more). `taps` is {} unless taps=True; then it holds
     every canonical tap of equiv/mamba2/taps.py (nothing extra is computed otherwise)."""
     chunk_size = chunk_size or cfg.chunk_size

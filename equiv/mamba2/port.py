@@ -2,7 +2,7 @@
 
 All entry points check their inputs on the host (equiv/inputs.py) and run under an explicit
 `jax.default_matmul_precision` ("highest" by default: on GPU JAX's default runs float32 matmuls as
-TF32, known-bugs.md row 11); the setting is recorded in `info()`.
+TF32, docs/porting-bugs.md #11); the setting is recorded in `info()`.
 """
 
 from __future__ import annotations
