@@ -139,9 +139,10 @@ def _ratio_text(t: TapComparison, dtype: str) -> str:
     return t.reason
 
 
-def explain(taps: list[TapComparison], index: int, mode: str, dtype: str, one_sided=frozenset()) -> str:
-    """One line saying why tap `index` failed and whether the defect is in its own op. Taps in
-    `one_sided` exist on one side only by construction; they are listed elsewhere, not blamed here."""
+def explain(taps: list[TapComparison], index: int, mode: str, dtype: str) -> str:
+    """One line saying why tap `index` failed and whether the defect is in its own op: only when the
+    tap just before it was compared and passed. Taps not compared in between (unavailable, or
+    produced by one side only) leave the defect "at or before" this op."""
     t = taps[index]
     head = f"{t.name}: {_ratio_text(t, dtype)}"
     if mode == "isolated":
@@ -151,18 +152,27 @@ def explain(taps: list[TapComparison], index: int, mode: str, dtype: str, one_si
     if failed:
         return (f"{head}; upstream tap {failed[0]} already diverged, so this may only be its "
                 f"consequence (--mode isolated judges this op alone)")
-    unknown = [u.name for u in upstream if u.verdict == "unavailable" and u.name not in one_sided]
-    if unknown:
-        shown = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
-        return f"{head}; upstream taps {shown} could not be compared, so the defect is in this op or there"
+    # Taps run in execution order; a compared tap within budget vouches for what precedes it. A tap
+    # not compared (unavailable, or produced by one side only) vouches for nothing: when such taps
+    # lie between the last passing tap and this one, the defect may be in any of them.
+    passed = [j for j in range(index) if taps[j].verdict == "pass"]
+    last = passed[-1] if passed else -1
+    gap = [u.name for u in taps[last + 1:index]]
+    if gap:
+        shown = ", ".join(gap[:3]) + (f" and {len(gap) - 3} more" if len(gap) > 3 else "")
+        n, after = len(gap), (f"after {taps[last].name} (within budget) and " if last >= 0 else "")
+        return (f"{head}; the first compared tap to fail, but {n} tap{'s' if n > 1 else ''} before it "
+                f"{'were' if n > 1 else 'was'} not compared ({shown}): the defect is {after}at or before "
+                "this op")
+    if any(u.verdict != "pass" for u in upstream):
+        return f"{head}; the tap before it, {taps[last].name}, is within budget, so the defect is in this op"
     return f"{head}; every upstream tap is within budget, so the defect is in this op"
 
 
-def find_first_divergence(taps: list[TapComparison], mode: str, dtype: str,
-                          one_sided=frozenset()) -> FirstDivergence | None:
+def find_first_divergence(taps: list[TapComparison], mode: str, dtype: str) -> FirstDivergence | None:
     for i, t in enumerate(taps):
         if t.verdict == "fail":
-            return FirstDivergence(t.name, i, t.ratio, explain(taps, i, mode, dtype, one_sided))
+            return FirstDivergence(t.name, i, t.ratio, explain(taps, i, mode, dtype))
     return None
 
 
@@ -251,8 +261,8 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
     info = model.info()
     return LayerwiseResult(
         mode=mode, dtype=dtype, budget=budget, taps=taps, port_only=port_only, reference_only=reference_only,
-        first_divergence=find_first_divergence(taps, mode, dtype, frozenset(one_sided)),
-        explanations={t.name: explain(taps, i, mode, dtype, frozenset(one_sided))
+        first_divergence=find_first_divergence(taps, mode, dtype),
+        explanations={t.name: explain(taps, i, mode, dtype)
                       for i, t in enumerate(taps) if t.verdict == "fail"},
         verdict=verdict, inputs=describe_inputs(ids, mask, seed), port=asdict(info),
         reference=dict(reference.provenance()), oracle=dict(oracle.provenance()),

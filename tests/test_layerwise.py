@@ -107,9 +107,10 @@ def test_one_sided_taps_are_listed_in_execution_order_not_dropped():
     assert r.tap("layers.1.ref_y").reason.startswith("reference only")
     assert r.tap("layers.1.port_x").reason.startswith("port only")
     assert r.verdict == "equivalent"
-    # one-sided taps upstream do not make a real defect's explanation hedge
+    # one-sided taps further upstream do not hedge: the tap just before the defect passed
     bad = run([Defect("layers.2.mix", 1e-4)], port_extra=("port_x",), ref_extra=("ref_y",))
-    assert "every upstream tap is within budget" in bad.first_divergence.explanation
+    assert "the tap before it, layers.2.a, is within budget, so the defect is in this op" \
+        in bad.first_divergence.explanation
 
 
 def test_align_taps():
@@ -129,7 +130,24 @@ def test_unavailable_upstream_tap_hedges_the_explanation():
     r = run(model=Missing(CFG, "float32", [Defect("layers.1.mix", 1e-4)]))
     assert r.tap("layers.1.a").verdict == "unavailable" and "port" in r.tap("layers.1.a").reason
     assert r.first_divergence.tap == "layers.1.mix"
-    assert "upstream taps layers.1.a could not be compared" in r.first_divergence.explanation
+    expected = ("the first compared tap to fail, but 1 tap before it was not compared (layers.1.a): the "
+                "defect is after layers.0 (within budget) and at or before this op")
+    assert expected in r.first_divergence.explanation
+
+
+def test_taps_only_the_reference_produces_do_not_vouch_for_the_blamed_op():
+    """A port exposing fewer taps: the failing tap is the first compared, not proven the culprit."""
+
+    class LogitsAndLastLayer(FakeModel):
+        def forward(self, ids, mask=None, taps=True):
+            out = super().forward(ids, mask, taps)
+            return {k: v for k, v in out.items() if k in ("layers.2", "norm_f", "logits")}
+
+    r = run(model=LogitsAndLastLayer(CFG, "float32", [Defect("layers.0.mix", 1e-3)]))
+    fd = r.first_divergence
+    assert fd.tap == "layers.2" and "within budget, so the defect is in this op" not in fd.explanation
+    assert "9 taps before it were not compared (embed, layers.0.a, layers.0.mix and 6 more)" in fd.explanation
+    assert fd.explanation.endswith("the defect is at or before this op")
 
 
 def test_nan_defect_is_explained_by_its_reason():
