@@ -54,6 +54,13 @@ class DecodeResult:
     logits: TapComparison | None = None  # teacher-forced port decode vs oracle full forward
     reference_consistency: TapComparison | None = None  # reference cached decode vs oracle full forward
     median_reference_margin: float = math.nan
+    # informational, beside the budget (the logit checker metrics of other JAX ports): over the
+    # compared steps, KL(reference || port) of the softmaxes in float64, and how often the top-1 /
+    # top-5 token sets of the port's teacher-forced logits equal the reference's full forward's
+    kl_mean: float = math.nan
+    kl_max: float = math.nan
+    top1_agreement: float = math.nan
+    top5_agreement: float = math.nan
     verdict: str = "pass"
     reason: str = ""
 
@@ -63,7 +70,27 @@ class DecodeResult:
         consistency, margin = self.reference_consistency, self.median_reference_margin
         d["reference_consistency"] = consistency.to_dict() if consistency else None
         d["median_reference_margin"] = None if math.isnan(margin) else margin
+        for key in ("kl_mean", "kl_max", "top1_agreement", "top5_agreement"):
+            d[key] = None if math.isnan(d[key]) else d[key]
         return d
+
+
+def logit_agreement(port: np.ndarray, reference: np.ndarray, k: int = 5) -> dict[str, float]:
+    """Per-token KL(reference || port) of the softmaxes (float64) and top-1 / top-k set agreement,
+    over rows of (n, v) logits."""
+    if len(port) == 0:
+        return {}
+    p64, r64 = np.asarray(port, np.float64), np.asarray(reference, np.float64)
+    log_p = p64 - p64.max(-1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+    log_r = r64 - r64.max(-1, keepdims=True)
+    log_r -= np.log(np.exp(log_r).sum(-1, keepdims=True))
+    kl = np.maximum((np.exp(log_r) * (log_r - log_p)).sum(-1), 0.0)  # >= 0 up to rounding
+    k = min(k, p64.shape[-1])
+    top = lambda a: np.sort(np.argsort(-a, axis=-1, kind="stable")[:, :k], axis=-1)  # noqa: E731
+    return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "top1_agreement": float((p64.argmax(-1) == r64.argmax(-1)).mean()),
+            f"top{k}_agreement": float((top(p64) == top(r64)).all(-1).mean())}
 
 
 def _until_eos(tokens: np.ndarray, eos_id: int | None) -> list[int]:
@@ -113,7 +140,9 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
 
     result = DecodeResult(prompt_lengths=lengths, max_new_tokens=max_new_tokens, port_tokens=port_tok,
                           reference_tokens=ref_tok, matched_steps=[], total_steps=valid,
-                          logits=logits_cmp, reference_consistency=ref_cmp)
+                          logits=logits_cmp, reference_consistency=ref_cmp,
+                          **{k: v for k, v in logit_agreement(sel(port_steps), sel(ref_full)).items()
+                             if k in ("kl_mean", "kl_max", "top1_agreement", "top5_agreement")})
     margins = []
     for i in range(b):
         n = min(len(port_tok[i]), len(ref_tok[i]))
@@ -156,7 +185,8 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
                          f"(reference margin {f.reference_margin:.3g} > rounding bound "
                          f"{f.logit_error_bound:.3g})")
     else:
-        result.reason = (f"{sum(result.matched_steps)}/{sum(valid)} steps matched"
+        result.reason = (f"{sum(result.matched_steps)}/{sum(valid)} steps matched; KL(ref||port) mean "
+                         f"{result.kl_mean:.2g}, top-5 agreement {result.top5_agreement:.0%}"
                          + (f"; {len(result.mismatches)} mismatch(es) explained "
                             f"({', '.join(sorted({m.classification for m in result.mismatches}))})"
                             if result.mismatches else ""))

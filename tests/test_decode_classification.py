@@ -58,3 +58,19 @@ def test_a_port_far_off_is_never_a_near_tie():
     (mm,) = result.mismatches
     assert mm.classification == "divergence" and result.verdict == "fail"
     assert mm.logit_error_bound < 0.01  # the old bound, 2 x (port + reference error), was ~1
+
+
+def test_kl_and_top_k_agreement_are_reported_beside_the_budget():
+    from equiv.decode import logit_agreement
+
+    ref = np.log(np.array([[0.7, 0.2, 0.05, 0.03, 0.01, 0.01], [0.5, 0.3, 0.1, 0.05, 0.03, 0.02]]))
+    same = logit_agreement(ref, ref)
+    assert same["kl_max"] < 1e-15 and same["top1_agreement"] == same["top5_agreement"] == 1.0
+    swapped = ref[:, [1, 0, 2, 3, 4, 5]]  # row-wise top-1 and top-2 exchanged, same top-5 set
+    out = logit_agreement(swapped, ref)
+    expected_kl = 0.7 * np.log(0.7 / 0.2) + 0.2 * np.log(0.2 / 0.7)  # the first row's KL(ref || port)
+    assert np.isclose(out["kl_max"], expected_kl) and out["top1_agreement"] == 0.0
+    assert out["top5_agreement"] == 1.0
+    result = _match(port_noise=1e-5)
+    assert result.top1_agreement == 0.5 and result.kl_max > 0  # step 0 flipped, step 1 agrees
+    assert result.to_dict()["kl_mean"] == result.kl_mean
