@@ -15,13 +15,70 @@ from pathlib import Path
 
 import numpy as np
 
+from equiv.compare import reference_implausible, tolerance
 from equiv.errors import EquivError, ReportWriteError
 from equiv.layerwise import LayerwiseResult
-from equiv.layerwise import format_ratio as fmt_ratio
+from equiv.layerwise import format_ratio as _layerwise_ratio
 
 SCHEMA = "ssm-equiv/layerwise"
 SCHEMA_VERSION = 1
 WIDTH = 80
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers that agree with the verdict
+
+
+def fmt_budget(b) -> str:
+    """A budget or guard exactly as it is applied: '3', '12', '2.5', '1e+09'; never rounded."""
+    if b is None or not math.isfinite(b):
+        return "-"
+    b = float(b)
+    short = f"{b:g}"
+    return short if float(short) == b else repr(b)
+
+
+def _sig(r: float, digits: int) -> str:
+    """`r` (finite, >= 0) with at least `digits` significant digits: fixed notation from 1e-3 to
+    1e5 (so 4163 prints whole), scientific outside."""
+    if r == 0:
+        return "0"
+    if r >= 1e5 or r < 1e-3:
+        return f"{r:.{digits - 1}e}"
+    return f"{r:.{max(0, digits - 1 - math.floor(math.log10(r)))}f}"
+
+
+def fmt_number(value, limit=None) -> str:
+    """At least 3 significant digits, and when `limit` is given as many more as it takes for the
+    printed value to sit on the same side of `limit` as the value itself: 3.0047 against 3 prints
+    '3.005', never '3.00'. '-' when unknown, 'inf' for infinity."""
+    if value is None or math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    value = float(value)
+    sign, r = ("-", -value) if value < 0 else ("", value)
+    for digits in range(3, 18):
+        text = sign + _sig(r, digits)
+        if limit is None or not math.isfinite(limit) or (float(text) > limit) == (value > limit):
+            return text
+    return repr(value)
+
+
+def fmt_ratio(ratio, budget=None) -> str:
+    """A budget ratio as every report prints it: '0.136x', '413x', '2.10e+07x', and against its
+    budget never rounded onto or across it ('3.005x' for 3.0047 against a budget of 3)."""
+    text = fmt_number(ratio, budget)
+    return text if text in ("-", "inf", "-inf") else text + "x"
+
+
+def max_guard(result: LayerwiseResult) -> float:
+    """The max-error guard the taps were judged by (equiv/compare.py: it moves with the budget)."""
+    for t in result.taps:
+        if math.isfinite(t.max_budget):
+            return t.max_budget
+    return (tolerance(result.dtype, "max_error_guard").budget * result.budget
+            / tolerance(result.dtype).budget)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,14 +116,124 @@ def by_severity(result: LayerwiseResult) -> list:
     return sorted(result.taps, key=key)
 
 
+def fail_cause(t) -> str | None:
+    """Which criterion failed the tap, in equiv/compare.py's order: 'nonfinite', 'other' (shape
+    mismatch, nothing finite), 'reference' (the reference itself implausible), 'rms' (ratio over
+    budget), 'max' (max-error ratio over the guard); None for a tap that did not fail."""
+    if t.verdict != "fail":
+        return None
+    if t.nonfinite.get("port_mismatch_count"):
+        return "nonfinite"
+    if not math.isfinite(t.ratio):
+        return "other"
+    if reference_implausible(t.ref_rel_error, t.dtype):
+        return "reference"
+    if t.ratio > t.budget:
+        return "rms"
+    if math.isfinite(t.ratio_max) and t.ratio_max > t.max_budget:
+        return "max"
+    return "other"
+
+
+def failure_brief(t) -> str:
+    """Why a tap failed, in a few words: '3.005x > budget 3', 'max-error ratio 12.04x > guard 12',
+    'NaN/Inf at 3 positions', 'shape mismatch', 'the reference itself is 0.011 from the oracle'."""
+    cause = fail_cause(t)
+    if cause == "rms":
+        return f"{fmt_ratio(t.ratio, t.budget)} > budget {fmt_budget(t.budget)}"
+    if cause == "max":
+        return f"max-error ratio {fmt_ratio(t.ratio_max, t.max_budget)} > guard {fmt_budget(t.max_budget)}"
+    if cause == "nonfinite":
+        n = t.nonfinite["port_mismatch_count"]
+        return f"{'overflow to inf' if t.overflow else 'NaN/Inf'} at {n} position{'s' if n != 1 else ''}"
+    if cause == "reference":
+        limit = tolerance(t.dtype, "reference_rel_error_max").budget
+        return (f"the reference itself is {fmt_number(t.ref_rel_error, limit)} from the oracle "
+                f"> limit {fmt_budget(limit)}")
+    return t.reason.split(":", 1)[0]
+
+
+def tap_reason(t) -> str:
+    """equiv/compare.py's reason for a tap, with every ratio printed by `fmt_ratio` against the
+    threshold it was judged by; reasons without a ratio (missing, NaN/Inf, shape) unchanged."""
+    cause = fail_cause(t)
+    b, mb = fmt_budget(t.budget), fmt_budget(t.max_budget)
+    if t.verdict == "pass" and math.isfinite(t.ratio):
+        text = f"{fmt_ratio(t.ratio, t.budget)} the reference's own float error (budget {b}x)"
+        if math.isfinite(t.ratio_max):
+            text += f"; max-error ratio {fmt_ratio(t.ratio_max, t.max_budget)} (guard {mb}x)"
+        return text
+    if cause == "rms":
+        return (f"{fmt_ratio(t.ratio, t.budget)} the reference's own float error (RMS; budget {b}x): "
+                f"RMS |port - oracle| {t.err_port:.3g}, reference {t.err_ref:.3g}; worst element "
+                f"{t.max_err_port:.3g} at {list(t.worst_index)}")
+    if cause == "max":
+        return (f"localised error: max |port - oracle| {t.max_err_port:.3g} at {list(t.worst_index)} is "
+                f"{fmt_ratio(t.ratio_max, t.max_budget)} the reference's worst element {t.max_err_ref:.3g} "
+                f"(guard {mb}x) while the RMS ratio is {fmt_ratio(t.ratio, t.budget)} (budget {b}x)")
+    if cause == "reference":
+        limit = tolerance(t.dtype, "reference_rel_error_max").budget
+        rms_oracle = t.err_ref / t.ref_rel_error if t.ref_rel_error > 0 else math.nan
+        port_rel = t.err_port / rms_oracle if rms_oracle > 0 else math.nan
+        return (f"the reference itself is {fmt_number(t.ref_rel_error, limit)} (relative RMS) from the "
+                f"float64 oracle, beyond any {t.dtype} rounding (limit {fmt_budget(limit)}): reference "
+                f"and oracle compute different math, so the budget cannot judge this tap; the port is "
+                f"{fmt_number(port_rel)} from the oracle")
+    return t.reason
+
+
+def _explanation_head(t) -> str:
+    """What an explanation says first about a failing tap, its ratio against the threshold that
+    failed it (the engine rounds the ratio, and names the RMS ratio even when the guard failed it)."""
+    cause = fail_cause(t)
+    if cause == "rms":
+        return (f"{fmt_ratio(t.ratio, t.budget)} the reference's {t.dtype} error "
+                f"> budget {fmt_budget(t.budget)}")
+    if cause == "max":
+        return (f"max-error ratio {fmt_ratio(t.ratio_max, t.max_budget)} > guard {fmt_budget(t.max_budget)} "
+                f"(RMS ratio {fmt_ratio(t.ratio, t.budget)}, within budget {fmt_budget(t.budget)})")
+    return tap_reason(t)
+
+
+def _split_explanation(result: LayerwiseResult, name: str) -> tuple[str, str] | None:
+    """(head, placement) of the engine's explanation 'name: head; placement', the head being one of
+    the two it writes (equiv/layerwise.py: `_ratio_text`); None when it has no explanation."""
+    text = result.explanations.get(name)
+    if text is None:
+        return None
+    t = result.tap(name)
+    body = text.removeprefix(f"{name}: ")
+    for head in (f"{_layerwise_ratio(t.ratio)} the reference's {t.dtype} error", t.reason):
+        if head and body.startswith(head + "; "):
+            return head, body[len(head) + 2:]
+    return body, ""
+
+
+def explanation_text(result: LayerwiseResult, name: str) -> str | None:
+    """The layer-wise engine's one-line explanation of a failing tap with its ratio restated against
+    the threshold that failed it; where the failure is placed is kept word for word."""
+    parts = _split_explanation(result, name)
+    if parts is None:
+        return None
+    head, placement = parts
+    if placement or head in (f"{_layerwise_ratio(result.tap(name).ratio)} the reference's "
+                             f"{result.tap(name).dtype} error", result.tap(name).reason):
+        head = _explanation_head(result.tap(name))
+    return f"{name}: {head}" + (f"; {placement}" if placement else "")
+
+
 def tap_note(result: LayerwiseResult, t) -> str:
     """What a table row says beside its numbers: for a failing tap, where its explanation places
-    the defect (the ratio is already in its own column); otherwise the comparison's reason."""
+    the defect (the ratio has its own column; a tap failed by the max-error guard says so too);
+    otherwise the comparison's reason."""
     if t.verdict != "fail":
-        return t.reason
-    explanation = result.explanations.get(t.name, t.reason).removeprefix(f"{t.name}: ")
-    _, sep, placement = explanation.partition("; ")
-    return placement if sep else explanation
+        return tap_reason(t)
+    parts = _split_explanation(result, t.name)
+    placement = parts[1] if parts else ""
+    if fail_cause(t) in ("rms",) and placement:
+        return placement
+    head = _explanation_head(t)
+    return f"{head}; {placement}" if placement else head
 
 
 def reference_label(provenance: dict) -> tuple[str, str]:
@@ -77,17 +244,117 @@ def reference_label(provenance: dict) -> tuple[str, str]:
     return str(runner), str(code_path)
 
 
+# ---------------------------------------------------------------------------------------------
+# coverage: how many taps were compared, and why the others were not
+
+
+def coverage(result: LayerwiseResult) -> dict:
+    """Counts over `result.taps`: `total`; `compared` (verdict pass or fail) with its `pass` and
+    `fail`; and the taps not compared, by why: `reference_only` (the port does not produce them),
+    `port_only` (the reference does not), `other` (both sides list them but one could not give
+    it, e.g. a port without isolated mode). `compared_names` in execution order."""
+    port_only, ref_only = set(result.port_only), set(result.reference_only)
+    compared = [t.name for t in result.taps if t.verdict in ("pass", "fail")]
+    fails = sum(t.verdict == "fail" for t in result.taps)
+    return {"total": len(result.taps), "compared": len(compared), "pass": len(compared) - fails,
+            "fail": fails, "compared_names": compared,
+            "reference_only": sum(t.name in ref_only for t in result.taps if t.verdict == "unavailable"),
+            "port_only": sum(t.name in port_only for t in result.taps if t.verdict == "unavailable"),
+            "other": sum(t.verdict == "unavailable" and t.name not in port_only | ref_only
+                         for t in result.taps)}
+
+
+def coverage_phrase(result: LayerwiseResult) -> str:
+    """'all 12 taps compared', '1 of 17 taps compared (logits only; 16 not produced by the port)'."""
+    c = coverage(result)
+    if c["compared"] == c["total"]:
+        return f"all {c['total']} tap{'s' if c['total'] != 1 else ''} compared"
+    why = []
+    if 0 < c["compared"] <= 3:
+        names = c["compared_names"]
+        why.append((", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " only")
+    for key, words in (("reference_only", "not produced by the port"),
+                       ("port_only", "not produced by the reference"),
+                       ("other", "unavailable on a side")):
+        if c[key]:
+            why.append(f"{c[key]} {words}")
+    return f"{c['compared']} of {c['total']} taps compared ({'; '.join(why)})"
+
+
 def summary_line(result: LayerwiseResult) -> str:
-    c = result.counts
-    head = f"{result.verdict.upper()}: {c['fail']}/{c['total']} taps fail"
+    """'DIVERGENT: all 12 taps compared, 3 fail, first at layers.1.mix (3.005x > budget 3)';
+    'EQUIVALENT: 1 of 17 taps compared (logits only; 16 not produced by the port), 0 fail'. Fail
+    counts are out of the compared taps."""
+    c = coverage(result)
+    head = f"{result.verdict.upper()}: {coverage_phrase(result)}, {c['fail']} fail"
     if result.first_divergence:
         fd = result.first_divergence
-        head += f", first at {fd.tap} ({fmt_ratio(fd.ratio)})"
-    if c["unavailable"]:
-        labels = (("port_only", "port-only"), ("reference_only", "ref-only"))
-        sides = [f"{c[k]} {label}" for k, label in labels if c[k]]
-        head += f"; {c['unavailable']} n/a" + (f" ({', '.join(sides)})" if sides else "")
+        head += f", first at {fd.tap} ({failure_brief(result.tap(fd.tap))})"
     return head
+
+
+def headline(result: LayerwiseResult) -> str:
+    """The title of the Markdown and HTML reports: verdict and coverage."""
+    c = coverage(result)
+    return (f"{result.verdict.upper()} ({c['compared']} of {c['total']} taps compared, "
+            f"{c['fail']} fail)")
+
+
+# ---------------------------------------------------------------------------------------------
+# golden mode: the reference side was replayed from recordings
+
+
+def golden_replay(result: LayerwiseResult) -> dict | None:
+    """When the reference (or oracle) was replayed from a recording, what the recording says about
+    itself; None for a live run. Detected from the `replayed_from` key that
+    `equiv.golden.GoldenRunner.provenance()` adds to the recorded provenance (it sets no other flag).
+    """
+    recordings = []
+    for side, prov in (("reference", result.reference), ("oracle", result.oracle)):
+        if not isinstance(prov, dict) or "replayed_from" not in prov:
+            continue
+        runner, code_path = reference_label(prov)
+        env = prov.get("environment") if isinstance(prov.get("environment"), dict) else {}
+        env_keys = ("device", "torch_float32_matmul_precision", "cuda_matmul_allow_tf32", "torch_num_threads")
+        recordings.append({
+            "side": side, "replayed_from": str(prov["replayed_from"]), "runner": runner,
+            "code_path": code_path, "dtype": prov.get("dtype"), "checkpoint": prov.get("checkpoint"),
+            "versions": dict(prov.get("versions") or {}),
+            "environment": {k: v for k, v in env.items() if k in env_keys},
+            "recorded_at": prov.get("recorded_at") or prov.get("timestamp") or prov.get("date")})
+    if not recordings:
+        return None
+    return {"statement": _golden_statement(recordings), "recordings": recordings}
+
+
+def _golden_statement(recordings: list[dict]) -> str:
+    """'GOLDEN MODE: ... reference: transformers Mamba2ForCausalLM (torch fallback, float32) on
+    tiny-g2, replayed from ...; oracle: ...; recorded with transformers 5.25.0, torch ... (device
+    cpu, ...); the recordings carry no date'. One 'recorded with' when every side's is the same."""
+
+    def made_with(rec):
+        versions = ", ".join(f"{k} {v}" for k, v in rec["versions"].items() if v) or "no versions recorded"
+        env = ", ".join(f"{k} {v}" for k, v in rec["environment"].items())
+        return f"recorded with {versions}" + (f" ({env})" if env else "")
+
+    def when(rec, plural=False):
+        if rec["recorded_at"]:
+            return f"recorded {rec['recorded_at']}"
+        return "the recordings carry no date" if plural else "the recording carries no date"
+
+    shared = len({(made_with(rec), when(rec)) for rec in recordings}) == 1
+    parts = []
+    for rec in recordings:
+        what = f"{rec['runner']} ({rec['code_path']}" + (f", {rec['dtype']}" if rec["dtype"] else "") + ")"
+        if rec["checkpoint"]:
+            what += f" on {rec['checkpoint']}"
+        parts.append(f"{rec['side']}: {what}, replayed from {rec['replayed_from']}"
+                     + ("" if shared else f", {made_with(rec)}; {when(rec)}"))
+    many = len(recordings) > 1
+    tail = (f"; {'both ' if many else ''}{made_with(recordings[0])}; {when(recordings[0], many)}"
+            if shared else "")
+    return ("GOLDEN MODE: the reference was not run here; its recorded outputs were replayed. "
+            + "; ".join(parts) + tail)
 
 
 def _wrap(text: str, indent: str = "") -> list[str]:
@@ -98,37 +365,57 @@ def _wrap(text: str, indent: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # (a) terminal
 
+_ROW = "{:2}{:<28} {:<6} {:>11} {:>9} {:>9} {:>9}"
 
-def _cut(name: str, width: int) -> str:
-    return name if len(name) <= width else ".." + name[-(width - 2):]
+
+def _ratio_cell(t) -> str:
+    """The ratio column: the RMS ratio; for a tap failed by the max-error guard, that ratio, marked."""
+    if fail_cause(t) == "max":
+        return fmt_ratio(t.ratio_max, t.max_budget) + " max"
+    return fmt_ratio(t.ratio, t.budget)
+
+
+def _table_rows(result: LayerwiseResult, t, mark: str) -> list[str]:
+    """One row, or two when the tap name is longer than its column: the name whole on its own line,
+    the numbers under it (names are never cut)."""
+    cells = (verdict_label(result, t.name, t.verdict), _ratio_cell(t), fmt_err(t.err_port),
+             fmt_err(t.err_ref), fmt_err(t.raw_diff))
+    if len(t.name) <= 28:
+        return [_ROW.format(mark, t.name, *cells)]
+    return [f"{mark:2}{t.name}", _ROW.format("", "", *cells)]
 
 
 def terminal_table(result: LayerwiseResult, limit: int = 20) -> str:
-    """Worst taps first, first divergence marked '>', one summary line; no line over 80 columns."""
+    """Worst taps first, first divergence marked '>', one summary line; no line over 80 columns
+    (a tap name longer than its column gets a line of its own)."""
     port, ref, inputs = result.port, result.reference, result.inputs
     runner, code_path = reference_label(ref)
+    golden = golden_replay(result)
     lines = _wrap(f"equiv diff: port {port.get('name')} {port.get('version')} vs reference "
-                  f"{runner} ({code_path})")
+                  f"{runner} ({code_path})" + (" REPLAYED FROM A GOLDEN RECORDING" if golden else ""))
     shape = "x".join(map(str, inputs.get("shape", [])))
-    lines += _wrap(f"{result.dtype}, {result.mode} mode, budget {result.budget:g}x the reference's error, "
-                   f"inputs {shape} seed {inputs.get('seed')}")
+    lines += _wrap(f"{result.dtype}, {result.mode} mode, budget {fmt_budget(result.budget)}x the reference's "
+                   f"error (max-error guard {fmt_budget(max_guard(result))}x), inputs {shape} seed "
+                   f"{inputs.get('seed')}")
     lines.append("")
-    fmt = "{:2}{:<30} {:<6} {:>9} {:>9} {:>9} {:>9}"
-    lines.append(fmt.format("", "tap", "", "ratio", "rms p-o", "rms r-o", "max p-r"))
+    lines.append(_ROW.format("", "tap", "", "ratio", "rms p-o", "rms r-o", "max p-r"))
     rows = by_severity(result)
     fd = result.first_divergence.tap if result.first_divergence else None
     shown = rows[:limit]
     if fd and all(t.name != fd for t in shown):
         shown = shown[:-1] + [result.tap(fd)]
     for t in shown:
-        lines.append(fmt.format(">" if t.name == fd else "", _cut(t.name, 30),
-                                verdict_label(result, t.name, t.verdict), fmt_ratio(t.ratio),
-                                fmt_err(t.err_port), fmt_err(t.err_ref), fmt_err(t.raw_diff)))
+        lines += _table_rows(result, t, ">" if t.name == fd else "")
     if len(rows) > len(shown):
         lines.append(f"  ... {len(rows) - len(shown)} more taps (all of them in report.json)")
+    if any(fail_cause(t) == "max" for t in shown):
+        lines += _wrap(f"  'max': failed the max-error guard ({fmt_budget(max_guard(result))}x) on the "
+                       "largest element; its RMS ratio is within budget")
     lines.append("")
     if result.first_divergence:
-        lines += _wrap("> " + result.first_divergence.explanation)
+        lines += _wrap("> " + explanation_text(result, fd))
+    if golden:
+        lines += _wrap(golden["statement"])
     for note in result.notes:
         lines += _wrap("note: " + note)
     lines += _wrap(summary_line(result))
@@ -164,16 +451,17 @@ def to_json_dict(result: LayerwiseResult) -> dict:
         side = ("port" if t.name in result.port_only else
                 "reference" if t.name in result.reference_only else "both")
         taps.append({**t.to_dict(), "side": side, "kind": kind, "layer": layer,
-                     "explanation": result.explanations.get(t.name)})
+                     "explanation": explanation_text(result, t.name)})
     fd = result.first_divergence
+    counts = {**result.counts, "compared": coverage(result)["compared"]}
     return _jsonable({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "verdict": result.verdict, "summary": summary_line(result),
-        "mode": result.mode, "dtype": result.dtype, "budget": result.budget, "counts": result.counts,
+        "mode": result.mode, "dtype": result.dtype, "budget": result.budget, "counts": counts,
         "first_divergence": None if fd is None else {"tap": fd.tap, "index": fd.index, "ratio": fd.ratio,
-                                                     "explanation": fd.explanation},
+                                                     "explanation": explanation_text(result, fd.tap)},
         "inputs": result.inputs, "port": result.port, "reference": result.reference, "oracle": result.oracle,
-        "settings": result.settings, "notes": result.notes,
+        "golden": golden_replay(result), "settings": result.settings, "notes": result.notes,
         "port_only": result.port_only, "reference_only": result.reference_only, "taps": taps,
     })
 
@@ -205,27 +493,34 @@ def _md(text) -> str:
 def _md_row(result: LayerwiseResult, t) -> str:
     mark = "**>**" if result.first_divergence and t.name == result.first_divergence.tap else ""
     note = tap_note(result, t) if t.verdict == "fail" else ""
-    return (f"| {mark} | `{t.name}` | {verdict_label(result, t.name, t.verdict)} | {fmt_ratio(t.ratio)} | "
+    return (f"| {mark} | `{t.name}` | {verdict_label(result, t.name, t.verdict)} | {_ratio_cell(t)} | "
             f"{fmt_err(t.err_port)} | {fmt_err(t.err_ref)} | {fmt_err(t.raw_diff)} | {_md(note)} |")
 
 
 def to_markdown(result: LayerwiseResult, worst: int = 10, max_failing: int = 30) -> str:
     """A PR comment: summary, failing taps and the worst passing ones, provenance folded away."""
-    out = [f"### ssm-equiv layer-wise diff: {result.verdict.upper()}", "", summary_line(result), ""]
+    out = [f"### ssm-equiv layer-wise diff: {headline(result)}", "", summary_line(result), ""]
+    golden = golden_replay(result)
+    if golden:
+        out += [f"**GOLDEN MODE:** {_md(golden['statement'].removeprefix('GOLDEN MODE: '))}", ""]
     if result.first_divergence:
-        out += [f"**First divergence:** {_md(result.first_divergence.explanation)}", ""]
+        out += [f"**First divergence:** {_md(explanation_text(result, result.first_divergence.tap))}", ""]
     inputs = result.inputs
-    out += [f"_{result.dtype}, {result.mode} mode, budget {result.budget:g}x the reference's own error "
-            f"against the float64 oracle; inputs {inputs.get('shape')} seed {inputs.get('seed')}_", ""]
+    out += [f"_{result.dtype}, {result.mode} mode, budget {fmt_budget(result.budget)}x the reference's own "
+            f"error against the float64 oracle (max-error guard {fmt_budget(max_guard(result))}x); inputs "
+            f"{inputs.get('shape')} seed {inputs.get('seed')}_", ""]
+    out += [f"> note: {_md(n)}" for n in result.notes] + ([""] if result.notes else [])
     failing = [t for t in result.taps if t.verdict == "fail"]
     passing = [t for t in by_severity(result) if t.verdict == "pass"][:worst]
     header = ["|  | tap | verdict | ratio | RMS port-oracle | RMS ref-oracle | max \\|port-ref\\| | note |",
               "|---|---|---|---:|---:|---:|---:|---|"]
     if failing:
-        out += [f"**Failing taps** ({len(failing)}, execution order)", ""] + header
+        compared = coverage(result)["compared"]
+        out += [f"**Failing taps** ({len(failing)} of {compared} compared, execution order)", ""] + header
         out += [_md_row(result, t) for t in failing[:max_failing]]
         if len(failing) > max_failing:
-            out.append(f"| | ... {len(failing) - max_failing} more | | | | | | |")
+            more = len(failing) - max_failing
+            out.append(f"| | ... {more} more (all of them in report.json) | | | | | | |")
         out.append("")
     if passing:
         out += [f"**Worst passing taps** (top {len(passing)} by ratio)", ""] + header
@@ -234,11 +529,14 @@ def to_markdown(result: LayerwiseResult, worst: int = 10, max_failing: int = 30)
                                                                      for n in result.reference_only]
     if one_sided:
         out += ["**Not compared, one side only:** " + ", ".join(one_sided), ""]
+    one_sided_names = set(result.port_only) | set(result.reference_only)
+    other = [t for t in result.taps if t.verdict == "unavailable" and t.name not in one_sided_names]
+    if other:
+        out += ["**Not compared:** " + ", ".join(f"`{t.name}` ({_md(t.reason)})" for t in other), ""]
     out += ["<details><summary>Provenance</summary>", ""]
     for title, block in (("port", result.port), ("reference", result.reference), ("oracle", result.oracle),
                          ("settings", result.settings), ("inputs", result.inputs)):
         out.append(f"- **{title}**: `{_md(json.dumps(_jsonable(block), sort_keys=True))}`")
-    out += [f"- note: {_md(n)}" for n in result.notes]
     out += ["", "</details>", ""]
     return "\n".join(out)
 

@@ -1,9 +1,14 @@
 """Reports of a layer-wise diff: the JSON matches docs/report-schema.md and round-trips, the terminal
-table fits 80 columns, Markdown / HTML / PNG are produced, an unwritable directory is one clear error."""
+table fits 80 columns, Markdown / HTML / PNG are produced, an unwritable directory is one clear error.
+Every report agrees with the verdict: a ratio over its budget prints over it, every verdict line
+says how many taps were compared, the plot shows every tap, golden replays say so, nothing is cut.
+(tests/test_report_browser.py renders the HTML in a real browser.)"""
 
 from __future__ import annotations
 
 import dataclasses
+import html
+import io
 import json
 import math
 import re
@@ -11,30 +16,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from equiv.compare import compare_tap
 from equiv.errors import EquivError, ReportWriteError
+from equiv.golden import GoldenRunner, RecordingRunner, save_recording
 from equiv.layerwise import run_layerwise
 from equiv.report import (
     SCHEMA,
+    failure_brief,
+    fmt_budget,
+    fmt_ratio,
     read_report,
+    summary_line,
     tap_kind,
+    tap_reason,
     terminal_table,
     to_json,
     to_json_dict,
     to_markdown,
     write_reports,
 )
-from equiv.report_html import to_html
+from equiv.report_html import plot_positions, ratio_plot_png, to_html
 from tests.fake_port import Defect, FakeConfig, FakeModel, FakeRunner
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report-schema.md"
 
 
-def _run(cfg, defects=(), mode="accumulated", port_extra=(), ref_extra=()):
+def _run(cfg, defects=(), mode="accumulated", port_extra=(), ref_extra=(), model=None, reference=None,
+         oracle=None):
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16))
-    return run_layerwise(FakeModel(cfg, "float32", defects, extra_taps=port_extra),
-                         FakeRunner(cfg, "float32", ref_extra), FakeRunner(cfg, "float64", ref_extra),
-                         ids, None, mode=mode, seed=1)
+    return run_layerwise(model or FakeModel(cfg, "float32", defects, extra_taps=port_extra),
+                         reference or FakeRunner(cfg, "float32", ref_extra),
+                         oracle or FakeRunner(cfg, "float64", ref_extra), ids, None, mode=mode, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +135,8 @@ def test_terminal_table_of_an_equivalent_run():
     r = _run(FakeConfig(n_layers=2))
     text = terminal_table(r)
     assert max(map(len, text.splitlines())) <= 80
-    assert "FAIL" not in text and ">" not in text and text.rstrip().endswith("EQUIVALENT: 0/9 taps fail")
+    assert "FAIL" not in text and ">" not in text
+    assert text.rstrip().endswith("EQUIVALENT: all 9 taps compared, 0 fail")
 
 
 def test_markdown_summary_failing_table_and_provenance(divergent, written):
@@ -131,7 +147,7 @@ def test_markdown_summary_failing_table_and_provenance(divergent, written):
     failing = [t.name for t in divergent.taps if t.verdict == "fail"]
     for name in failing:
         assert f"| `{name}` | FAIL |" in md
-    assert "| every upstream tap is within budget, so the defect is in this op |" in md
+    assert "| the tap before it, layers.5.a, is within budget, so the defect is in this op |" in md
     assert "| upstream tap layers.5.mix already diverged, so this may only be its consequence" in md
     assert "**Worst passing taps**" in md and "<details><summary>Provenance</summary>" in md
     assert '\\"code_path\\"' not in md and '"code_path": "numpy triangular-matmul mean"' in md
@@ -189,3 +205,199 @@ def test_unwritable_out_dir_is_one_line_report_write_error(tmp_path, case):
     ("logits", ("logits", None)), ("blocks.0.attn.q", ("attn.q", 0)), ("h10.x", ("h10.x", None))])
 def test_tap_kind(name, expected):
     assert tap_kind(name) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# numbers that agree with the verdict
+
+
+@pytest.mark.parametrize("ratio, budget, expected", [
+    (3.0047, 3.0, "3.005x"), (3.0004, 3.0, "3.0004x"), (2.0000001, 2.0, "2.0000001x"), (2.04, 2.0, "2.04x"),
+    (2.0, 2.0, "2.00x"), (2.9996, 3.0, "3.00x"), (0.136, 3.0, "0.136x"), (413.21, 3.0, "413x"),
+    (4163.2, 3.0, "4163x"), (2.1e7, 3.0, "2.10e+07x"), (0.0, 3.0, "0x"), (1e-5, 3.0, "1.00e-05x"),
+    (12.004, 12.0, "12.004x"), (math.nan, 3.0, "-"), (None, 3.0, "-"), (math.inf, 3.0, "inf")])
+def test_fmt_ratio(ratio, budget, expected):
+    assert fmt_ratio(ratio, budget) == expected
+
+
+@pytest.mark.parametrize("budget, expected", [(3.0, "3"), (12.0, "12"), (2.5, "2.5"), (1e9, "1e+09"),
+                                              (2.123456789, "2.123456789")])
+def test_fmt_budget_prints_the_budget_exactly(budget, expected):
+    assert fmt_budget(budget) == expected and float(expected) == budget
+
+
+@given(budget=st.sampled_from([2.0, 3.0, 4.0, 6.0, 12.0, 16.0, 2.5, 1e9, 0.7]),
+       rel=st.one_of(st.floats(-1e-9, 1e-9), st.floats(-1e-3, 1e-3), st.floats(-0.999, 1e4)))
+def test_a_printed_ratio_is_on_the_same_side_of_its_budget_as_the_ratio(budget, rel):
+    ratio = budget * (1 + rel)
+    text = fmt_ratio(ratio, budget)
+    shown = float(text.removesuffix("x"))
+    assert (shown > budget) == (ratio > budget), (ratio, budget, text)
+    digits = text.removesuffix("x").split("e")[0].replace(".", "").lstrip("0")
+    assert ratio == 0 or len(digits) >= 3, text
+
+
+@pytest.fixture(scope="module")
+def just_over():
+    """A real run whose first divergence is just over the accumulated budget of 3 (3 < ratio <
+    3.005, which 2 decimals print as '3.00x'): the planted defect's size is bisected."""
+    lo, hi = 5e-7, 2e-6  # ratio ~1.46 and ~4.8 at layers.1.mix of the 2-layer fake
+    for _ in range(60):
+        size = (lo + hi) / 2
+        r = _run(FakeConfig(n_layers=2), [Defect("layers.1.mix", size)])
+        ratio = r.tap("layers.1.mix").ratio
+        if 3.0 < ratio < 3.005 and r.first_divergence and r.first_divergence.tap == "layers.1.mix":
+            return r
+        lo, hi = (size, hi) if ratio <= 3.0 else (lo, size)
+    pytest.fail(f"no defect size puts layers.1.mix in (3, 3.005); last ratio {ratio}")
+
+
+def test_a_ratio_just_over_budget_prints_over_it_in_every_report(just_over, tmp_path):
+    r = just_over
+    t = r.tap("layers.1.mix")
+    shown = fmt_ratio(t.ratio, 3.0)
+    assert float(shown[:-1]) > 3.0 and r.budget == 3.0
+    assert f"first at layers.1.mix ({shown} > budget 3)" in summary_line(r)
+    paths = write_reports(r, tmp_path)
+    table = terminal_table(r)
+    row = next(ln for ln in table.splitlines() if ln.startswith("> layers.1.mix"))
+    assert "FAIL" in row and f" {shown} " in row
+    texts = {"terminal": table.replace("\n  ", " "), "md": paths["report.md"].read_text(),
+             "html": paths["report.html"].read_text()}
+    for name, text in texts.items():
+        expected = f"layers.1.mix: {shown} the reference's float32 error > budget 3"
+        assert (html.escape(expected) if name == "html" else expected) in text, name
+        assert "3.00x" not in text and "(3.0x" not in text, name
+    fd = read_report(paths["report.json"])["first_divergence"]
+    assert f"{shown} the reference's float32 error > budget 3" in fd["explanation"]
+
+
+def test_a_tap_failed_by_the_max_error_guard_says_so():
+    """The RMS ratio is within budget; the guard on the largest element failed the tap."""
+    oracle = np.random.default_rng(0).standard_normal(4000)
+    reference = oracle.astype(np.float32)
+    port = reference.copy()
+    port[7] = np.float32(port[7] + 60 * np.spacing(np.float32(np.abs(oracle).max())))
+    t = compare_tap("x", port, reference, oracle, budget=3.0)
+    assert t.verdict == "fail" and t.ratio <= 3.0 < 12.0 == t.max_budget < t.ratio_max
+    brief = failure_brief(t)
+    assert brief == f"max-error ratio {fmt_ratio(t.ratio_max, 12.0)} > guard 12"
+    assert f"(guard 12x) while the RMS ratio is {fmt_ratio(t.ratio, 3.0)} (budget 3x)" in tap_reason(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# coverage in every verdict line
+
+
+class _LogitsOnly(FakeModel):
+    """A port that returns only the logits."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, "float32")
+        self.tap_names = ["logits"]
+
+    def forward(self, ids, mask=None, taps=True):
+        return {"logits": super().forward(ids, mask)["logits"]}
+
+
+def test_a_logits_only_port_says_only_the_logits_were_compared(tmp_path):
+    cfg = FakeConfig(n_layers=4)
+    r = _run(cfg, model=_LogitsOnly(cfg))
+    line = "EQUIVALENT: 1 of 15 taps compared (logits only; 14 not produced by the port), 0 fail"
+    assert summary_line(r) == line
+    paths = write_reports(r, tmp_path)
+    assert paths["report.md"].read_text().startswith(
+        f"### ssm-equiv layer-wise diff: EQUIVALENT (1 of 15 taps compared, 0 fail)\n\n{line}\n")
+    assert line in paths["report.html"].read_text() and line in terminal_table(r).replace("\n  ", " ")
+    report = read_report(paths["report.json"])
+    assert report["summary"] == line and report["counts"]["compared"] == 1
+
+
+def test_fail_counts_are_out_of_the_compared_taps(divergent):
+    verdicts = [t.verdict for t in divergent.taps]
+    n_pass, n_fail = verdicts.count("pass"), verdicts.count("fail")
+    assert summary_line(divergent).startswith(
+        f"DIVERGENT: {n_pass + n_fail} of {len(verdicts)} taps compared (12 not produced by the port; "
+        f"12 not produced by the reference), {n_fail} fail, first at layers.5.mix (")
+    assert to_json_dict(divergent)["counts"]["compared"] == n_pass + n_fail
+
+
+def test_a_port_without_isolated_mode_is_inconclusive_with_nothing_compared():
+    cfg = FakeConfig(n_layers=1)
+    r = _run(cfg, mode="isolated", model=FakeModel(cfg, "float32", isolated=False))
+    assert summary_line(r) == "INCONCLUSIVE: 0 of 6 taps compared (6 unavailable on a side), 0 fail"
+
+
+# ---------------------------------------------------------------------------------------------
+# the plot shows every tap
+
+
+def _red_pixels(png: bytes) -> int:
+    import matplotlib.image
+
+    rgb = (matplotlib.image.imread(io.BytesIO(png), format="png")[..., :3] * 255).astype(int)
+    return int(((rgb[..., 0] > 200) & (rgb[..., 1] < 60) & (rgb[..., 2] < 60)).sum())
+
+
+@pytest.mark.parametrize("n_layers", [2, 64])
+def test_the_plot_shows_every_tap_at_any_depth(n_layers):
+    pytest.importorskip("matplotlib")
+    bad = _run(FakeConfig(n_layers=n_layers), [Defect(f"layers.{n_layers // 2}.mix", 1e-4)])
+    xs, ticks, layers = plot_positions(bad)
+    assert layers == n_layers and set(xs) == {t.name for t in bad.taps}
+    assert xs["embed"] < 0 < n_layers - 1 < xs["norm_f"] < xs["logits"]
+    labels = [label for _, label in ticks]
+    assert {"embed", "norm_f", "logits", "0", str(n_layers - 1)} <= set(labels) and len(labels) <= 24
+    png = ratio_plot_png(bad)
+    good_png = ratio_plot_png(_run(FakeConfig(n_layers=n_layers)))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and good_png[:8] == png[:8]
+    assert _red_pixels(png) > _red_pixels(good_png) + 200  # failing taps crossed in red
+
+
+# ---------------------------------------------------------------------------------------------
+# golden mode
+
+
+def test_a_golden_replay_says_so_in_every_report(tmp_path):
+    cfg = FakeConfig(n_layers=2)
+    ref, oracle = RecordingRunner(FakeRunner(cfg, "float32")), RecordingRunner(FakeRunner(cfg, "float64"))
+    live = _run(cfg, reference=ref, oracle=oracle)
+    (tmp_path / "rec").mkdir()
+    save_recording(ref, tmp_path / "rec" / "fake-float32")
+    save_recording(oracle, tmp_path / "rec" / "fake-float64")
+    r = _run(cfg, reference=GoldenRunner(tmp_path / "rec" / "fake-float32"),
+             oracle=GoldenRunner(tmp_path / "rec" / "fake-float64"))
+    assert [t.ratio for t in r.taps] == [t.ratio for t in live.taps]
+    golden = to_json_dict(r)["golden"]
+    assert [(g["side"], Path(g["replayed_from"]).name, g["dtype"]) for g in golden["recordings"]] == [
+        ("reference", "fake-float32", "float32"), ("oracle", "fake-float64", "float64")]
+    statement = golden["statement"]
+    assert statement.startswith("GOLDEN MODE: the reference was not run here; its recorded outputs were "
+                                "replayed.")
+    assert f"recorded with numpy {np.__version__}" in statement
+    assert statement.endswith("the recordings carry no date")
+    paths = write_reports(r, tmp_path / "out")
+    for text in (terminal_table(r), paths["report.md"].read_text(), paths["report.html"].read_text()):
+        assert "GOLDEN MODE" in text and f"numpy {np.__version__}" in text
+        assert str(tmp_path / "rec" / "fake-float32") in "".join(text.split())  # wrapped, whole
+    live_texts = [terminal_table(live), to_markdown(live), to_html(live, None), to_json(live)]
+    assert to_json_dict(live)["golden"] is None and not any("GOLDEN" in x for x in live_texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing is cut
+
+
+def test_notes_explanations_and_tap_names_are_wrapped_never_cut(divergent):
+    tail = "the-very-end-of-this-note"
+    note = "a long caveat " + "that goes on and on, " * 20 + tail
+    r = dataclasses.replace(divergent, notes=[*divergent.notes, note])
+    table = terminal_table(r, limit=100)
+    assert max(map(len, table.splitlines())) <= 80
+    flat = " ".join(table.split())
+    assert " ".join(note.split()) in flat and "a_port_only_tap_with_a_very_long_name" in table
+    assert "  layers.0.a_port_only_tap_with_a_very_long_name" in table.splitlines()  # a line of its own
+    for text in (to_markdown(r), to_html(r, None)):
+        assert tail in text
+    page = to_html(r, None)
+    assert r.inputs["ids_sha256"] in page  # the whole hash
