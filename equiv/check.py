@@ -26,6 +26,7 @@ from equiv import tested_versions
 from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError
 from equiv.layerwise import LayerwiseResult, run_layerwise
+from equiv.ports import check_loaded_model
 from equiv.report import summary_line, write_reports
 
 SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 2}
@@ -52,11 +53,14 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
-def plan_for(fixture_path: Path, vocab_size: int, chunk_size: int, seed: int = 0) -> Plan:
-    """Trained checkpoints (with training.json) decode their recorded text prompts, 64 tokens each,
-    alone and as one left-padded batch. Random tiny ones decode one left-padded batch of prompts
-    whose lengths straddle chunk_size (chunk-1, chunk, chunk+1), so decoding crosses a chunk
-    boundary (their greedy decodes are near-tie-ridden anyway: the trained one is the real test)."""
+def plan_for(fixture_path: Path, vocab_size: int, decode_lengths, seed: int = 0) -> Plan:
+    """Inputs for one checkpoint, from what the loaded port declares (protocol v1: its vocab_size
+    and decode_lengths; an int is one length). Trained checkpoints (with training.json) decode
+    their recorded text prompts, 64 tokens each, alone and as one left-padded batch. Any other
+    checkpoint decodes one left-padded batch of random prompts whose lengths straddle each decode
+    length (n-1, n, n+1), so prefill hands over to decode on both sides of every boundary where the
+    port's algorithm changes regime; the layer-wise ids span two of the longest such lengths."""
+    lengths = (decode_lengths,) if isinstance(decode_lengths, int) else tuple(decode_lengths)
     rng = np.random.default_rng(seed)
     training = fixture_path / "training.json"
     if training.is_file():
@@ -68,9 +72,9 @@ def plan_for(fixture_path: Path, vocab_size: int, chunk_size: int, seed: int = 0
         pad = meta.get("pad_id", 0)
         n_new = 64
     else:
-        lengths = (max(chunk_size - 1, 1), chunk_size, chunk_size + 1)
-        prompts = [rng.integers(0, vocab_size, n).tolist() for n in lengths]
-        layer_ids = rng.integers(0, vocab_size, (2, 2 * chunk_size + 5)).astype(np.int32)
+        straddle = sorted({m for n in lengths for m in (n - 1, n, n + 1) if m >= 1})
+        prompts = [rng.integers(0, vocab_size, n).tolist() for n in straddle]
+        layer_ids = rng.integers(0, vocab_size, (2, 2 * max(lengths) + 5)).astype(np.int32)
         eos, pad, n_new = None, 0, 64
     batches = [(np.asarray([p], np.int32), None) for p in prompts] if training.is_file() else []
     batches.append(left_pad(prompts, pad))
@@ -127,11 +131,9 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
     out = FixtureOutcome(name)
     t0 = time.perf_counter()
     model = port.load(path)
+    check_loaded_model(model, getattr(port, "name", str(port)), uses=("layer-wise diff", "decode match"))
     reference, oracle = load_ref(path, "float32"), load_ref(path, "float64")
-    cfg = getattr(model, "cfg", None)
-    vocab = cfg.vocab_size if cfg else json.loads((path / "config.json").read_text())["vocab_size"]
-    chunk = cfg.chunk_size if cfg else 256
-    plan = plan_for(path, vocab, chunk)
+    plan = plan_for(path, int(model.vocab_size), model.decode_lengths)
     for mode in ("accumulated", "isolated"):
         progress(f"[{name}] layer-wise diff, {mode}")
         out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode,
@@ -268,47 +270,70 @@ def reference_loader(golden: bool, golden_dir: Path):
     return lambda path, dtype: load_reference("transformers", path, dtype)
 
 
-def _check_one(name: str, golden: bool, port_spec: str) -> FixtureOutcome:
+def _check_one(name: str, path: str, golden: bool, port_spec: str) -> FixtureOutcome:
     """Worker-process entry: everything re-resolved from names (nothing unpicklable crosses)."""
-    from equiv.fixtures import fixture_dir
+    from equiv.fixtures import fixtures_root
     from equiv.ports import resolve_port
 
-    path = fixture_dir(name)
-    load_ref = reference_loader(golden, path.parent / "golden")
-    return check_fixture(name, path, resolve_port(port_spec), load_ref,
+    load_ref = reference_loader(golden, fixtures_root() / "golden")
+    return check_fixture(name, Path(path), resolve_port(port_spec), load_ref,
                          progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
 
 
-def _check_in_processes(names, golden, port_spec, workers, progress) -> list[FixtureOutcome]:
-    """Fixtures fanned out over processes (spawned: JAX and torch threads do not survive fork).
+def _check_in_processes(targets, golden, port_spec, workers, progress) -> list[FixtureOutcome]:
+    """Checkpoints fanned out over processes (spawned: JAX and torch threads do not survive fork).
     Results come back in the input order, so reports do not depend on the worker count."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    progress(f"checking {len(names)} fixtures in {workers} processes")
+    progress(f"checking {len(targets)} checkpoints in {workers} processes")
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_check_one, n, golden, port_spec) for n in names]
+        futures = [pool.submit(_check_one, name, str(path), golden, port_spec) for name, path in targets]
         return [f.result() for f in futures]
+
+
+def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, golden: bool):
+    """[(report name, directory)]: the named (else, with no checkpoint either, every) bundled
+    fixture, verified against its manifest, then each checkpoint directory given by path."""
+    from equiv.fixtures import list_fixtures, verify_fixture
+
+    checkpoints = [Path(c) for c in checkpoints or []]
+    if golden and checkpoints:
+        raise EquivError(f"--golden: expected bundled fixtures only (recordings exist for those), got "
+                         f"checkpoint path(s) {[str(c) for c in checkpoints]}; run them without --golden")
+    for c in checkpoints:
+        if not c.is_dir():
+            raise EquivError(f"checkpoint: expected a directory, got {str(c)!r} "
+                             f"({'a file' if c.exists() else 'no such path'})")
+    names = fixture_names or ([] if checkpoints else [n for n in list_fixtures() if n != "golden"])
+    targets = [(name, verify_fixture(name)) for name in names]
+    taken = {name for name, _ in targets}
+    for c in checkpoints:  # a report directory per checkpoint, named after it, never clobbered
+        name = c.resolve().name or "checkpoint"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        targets.append((name, c))
+    return targets
 
 
 def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = False,
                  port_spec: str = "builtin", ssd: bool = True, progress=print, workers: int = 1,
-                 allow_not_run: bool = False, ssd_examples: int | None = None) -> int:
-    """Returns the exit code (module docstring)."""
-    from equiv.fixtures import fixture_dir, list_fixtures, verify_fixture
+                 allow_not_run: bool = False, ssd_examples: int | None = None,
+                 checkpoints: list[Path] | None = None) -> int:
+    """Returns the exit code (module docstring). `checkpoints`: directories of any checkpoint the
+    port and the reference load, checked like a fixture (layer-wise both modes, decode match)."""
+    from equiv.fixtures import fixtures_root
     from equiv.ports import resolve_port
 
     t0 = time.perf_counter()
-    names = fixture_names or [n for n in list_fixtures() if n != "golden"]
+    targets = _targets(fixture_names, checkpoints, golden)
     port = resolve_port(port_spec)
-    root = fixture_dir(names[0]).parent
-    load_ref = reference_loader(golden, root / "golden")
-    for name in names:
-        verify_fixture(name)
-    if workers > 1 and len(names) > 1:
-        outcomes = _check_in_processes(names, golden, port_spec, workers, progress)
+    load_ref = reference_loader(golden, fixtures_root() / "golden")
+    if workers > 1 and len(targets) > 1:
+        outcomes = _check_in_processes(targets, golden, port_spec, workers, progress)
     else:
-        outcomes = [check_fixture(n, fixture_dir(n), port, load_ref, progress) for n in names]
+        outcomes = [check_fixture(name, path, port, load_ref, progress) for name, path in targets]
     timings = {o.name: round(o.seconds, 2) for o in outcomes}
     t_ssd = time.perf_counter()
     ssd_result = run_ssd_suite(golden, ssd_examples, progress) if ssd else not_run("disabled with --no-ssd")

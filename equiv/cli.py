@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import sys
 import threading
 import time
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import CheckpointError, ConfigError, EquivError
+from equiv.errors import CheckpointError, EquivError
 
-SUBCOMMAND_MODULES = ("equiv.cli_decode", "equiv.cli_check")  # registered when present
+SUBCOMMAND_MODULES = ("equiv.cli_check",)  # `equiv check` (the main job, also on any checkpoint)
 REFERENCES = ("transformers", "mamba_ssm")
 EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_USAGE = 0, 1, 2
 
@@ -99,27 +98,15 @@ class Progress:
 # loading
 
 
-def read_vocab_size(checkpoint: Path) -> int:
-    """vocab_size from the checkpoint's config.json (transformers and mamba_ssm both name it so)."""
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint: expected a directory, got {str(checkpoint)!r} "
-                              f"({'a file' if checkpoint.exists() else 'no such path'})")
-    path = checkpoint / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except OSError as e:
-        raise CheckpointError(f"checkpoint: expected a readable {path}, got {e.strerror or e}") from None
-    except ValueError as e:
-        raise ConfigError(f"{path}: expected JSON, got a parse error ({e})") from None
-    vocab = config.get("vocab_size") if isinstance(config, dict) else None
-    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
-        raise ConfigError(f"{path}: expected an integer vocab_size >= 1, got {vocab!r}")
-    return vocab
-
-
 def random_ids(vocab: int, batch: int, seq_len: int, seed: int) -> np.ndarray:
     """(b, l) int32 token ids, uniform in [0, vocab), from numpy's Generator seeded with `seed`."""
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq_len)).astype(np.int32)
+
+
+def check_loaded_model(model, port_name: str) -> None:
+    from equiv.ports import check_loaded_model as check
+
+    check(model, port_name, uses=("layer-wise diff",))
 
 
 def load_port(spec: str, checkpoint: Path, dtype: str):
@@ -210,12 +197,15 @@ def run_diff(args, progress: Progress) -> int:
     from equiv.layerwise import run_layerwise
     from equiv.report import prepare_out_dir, terminal_table, write_reports
 
-    vocab = read_vocab_size(args.checkpoint)
+    if not args.checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint: expected a directory, got {str(args.checkpoint)!r} "
+                              f"({'a file' if args.checkpoint.exists() else 'no such path'})")
     if args.out is not None:
         prepare_out_dir(args.out)
-    ids = random_ids(vocab, args.batch, args.seq_len, args.seed)
     progress.stage(f"loading port {args.port} ({args.dtype})")
     model = load_port(args.port, args.checkpoint, args.dtype)
+    check_loaded_model(model, args.port)  # protocol v1: a missing member is one line, not a traceback
+    ids = random_ids(int(model.vocab_size), args.batch, args.seq_len, args.seed)
     progress.stage(f"loading reference {args.reference} ({args.dtype} and the float64 oracle)")
     reference = load_reference(args.reference, args.checkpoint, args.dtype)
     oracle = load_reference(args.reference, args.checkpoint, "float64")

@@ -1,7 +1,11 @@
 """`equiv check`: the main job (see equiv/check.py), as run by `nox -s equivalence`.
 
-    equiv check [--fixture NAME ...] [--golden] [--port NAME|module:attr] [--no-ssd] [--allow-not-run]
-                [--ssd-examples N] [-n N] [--out DIR]
+    equiv check [CHECKPOINT_DIR ...] [--fixture NAME ...] [--golden] [--port NAME|module:attr]
+                [--no-ssd] [--allow-not-run] [--ssd-examples N] [-n N] [--out DIR]
+
+With no CHECKPOINT_DIR and no --fixture: every bundled fixture. A CHECKPOINT_DIR is any checkpoint
+the port and the reference load, checked the same way (layer-wise diff in both modes, the greedy
+decode match), with inputs planned from what the loaded port declares (equiv/ports.py).
 
 Exit codes: 0 everything equivalent, 1 any divergence, 2 usage or input error, 3 a check could not
 run (NOT RUN, with its reason; `--allow-not-run` accepts that and exits 0 if the rest passed).
@@ -15,8 +19,11 @@ from pathlib import Path
 def register(subparsers) -> None:
     p = subparsers.add_parser("check", help="the main job: every fixture, layer-wise + decode + SSD duality",
                               description=__doc__.splitlines()[0])
+    p.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT_DIR",
+                   help="checkpoint directories to check like a fixture (live reference only)")
     p.add_argument("--fixture", action="append", dest="fixtures", metavar="NAME",
-                   help="check only this fixture (repeatable); default: every fixture in fixtures/")
+                   help="check only this bundled fixture (repeatable); default with no CHECKPOINT_DIR: "
+                        "every bundled fixture")
     p.add_argument("--golden", action="store_true",
                    help="replay recorded reference outputs (fixtures/golden/) instead of running torch")
     p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
@@ -38,4 +45,5 @@ def run_check(args, progress) -> int:
 
     return run_main_job(args.fixtures, Path(args.out), golden=args.golden, port_spec=args.port,
                         ssd=not args.no_ssd, progress=progress.stage, workers=max(1, args.workers),
-                        allow_not_run=args.allow_not_run, ssd_examples=args.ssd_examples)
+                        allow_not_run=args.allow_not_run, ssd_examples=args.ssd_examples,
+                        checkpoints=args.checkpoints)

@@ -233,6 +233,8 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
         stage("port forward (isolated)")
         fed = {k: _in_compute_dtype(v, dtype) for k, v in oracle_taps.items()}
         try:
+            if not callable(getattr(model, "forward_isolated", None)):  # optional in the protocol
+                raise TapUnavailable("its loaded model has no forward_isolated (optional in protocol v1)")
             port_taps = model.forward_isolated(ids, mask, fed)
         except TapUnavailable as e:
             port_taps = None

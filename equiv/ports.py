@@ -1,9 +1,18 @@
-"""The port protocol: what any JAX implementation provides to be verified, and the registry.
+"""The port protocol (version 1): what any JAX implementation provides to be verified, and the
+registry.
 
 A port is a factory: `port.load(checkpoint_dir, dtype)` returns a `LoadedModel`. Everything the
 harness exchanges with it is numpy (int32 token ids, float arrays keyed by canonical tap name), so
-the harness knows neither the framework nor the architecture. A new SSM variant plugs in as a port,
-a reference runner and a tap map; nothing in compare / layerwise / decode / report changes.
+the harness knows neither the framework nor the architecture: what it needs to plan inputs comes
+from the loaded model itself (`vocab_size`, `decode_lengths`), never from a config object it would
+have to understand. `check_loaded_model` validates a model right after it loads and names, in one
+line, every member that is missing or malformed.
+
+Padding: `mask` is None or (b, l) of 0/1, 1 for real tokens; sequences are LEFT-padded (zeros
+first). A port must give every real position what the reference gives it (for a Mamba-2 port:
+padded positions are zeroed before the conv and the SSD, so a padded row equals the sequence alone
+up to what the reference itself leaks; docs/porting-bugs.md #6). Outputs at padded positions are
+never compared.
 
 Ports are named in the registry (`builtin`, `mamba2-jax`) or given as `module:attr`, where attr is a
 Port instance, or a class / zero-argument callable returning one.
@@ -49,9 +58,16 @@ class PortInfo:
     details: dict = field(default_factory=dict)  # precision settings, backend, anything relevant
 
 
+PROTOCOL_VERSION = 1
+
+
 @runtime_checkable
 class LoadedModel(Protocol):
     tap_names: list[str]  # canonical names in execution order, 'logits' last
+    vocab_size: int  # token ids it accepts are [0, vocab_size): the harness draws inputs from it
+    decode_lengths: tuple[int, ...]
+    """Prompt lengths at which the port's algorithm changes regime (a Mamba-2 port: its SSD chunk
+    size; any port: its conv width); the decode plan's prompts straddle each (n-1, n, n+1)."""
 
     def info(self) -> PortInfo: ...
 
@@ -61,8 +77,9 @@ class LoadedModel(Protocol):
 
     def forward_isolated(self, ids: np.ndarray, mask: np.ndarray | None,
                          inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Each tap computed from *given* values of the taps it depends on (the reference's own,
-        so an early small error is not mistaken for a later bug). May raise TapUnavailable."""
+        """Optional. Each tap computed from *given* values of the taps it depends on (the
+        reference's own, so an early small error is not mistaken for a later bug). May raise
+        TapUnavailable; a model without it has every tap unavailable in isolated mode."""
 
     def step_logits(self, ids: np.ndarray, mask: np.ndarray | None, prompt_len: int) -> np.ndarray:
         """Teacher-forced decode: prefill ids[:, :prompt_len], then one decode_step per remaining
@@ -71,6 +88,46 @@ class LoadedModel(Protocol):
 
     def generate(self, prompt: np.ndarray, mask: np.ndarray | None, max_new_tokens: int,
                  eos_id: int | None = None) -> GenerateResult: ...
+
+
+MEMBERS = {  # what each use of a loaded model needs, and what it is (for the one-line error)
+    "layer-wise diff": {
+        "tap_names": "a list of canonical tap names ending with 'logits'",
+        "vocab_size": "an int >= 1 (token ids it accepts are [0, vocab_size))",
+        "info": "a method () -> equiv.ports.PortInfo",
+        "forward": "a method (ids, mask, taps) -> {tap: ndarray}",
+    },
+    "decode match": {
+        "decode_lengths": "a tuple of ints >= 1 (prompt lengths where its algorithm changes regime)",
+        "step_logits": "a method (ids, mask, prompt_len) -> (b, l - prompt_len + 1, v) logits",
+        "generate": "a method (prompt, mask, max_new_tokens, eos_id) -> equiv.ports.GenerateResult",
+    },
+}
+
+
+def _malformed(model, member: str) -> bool:
+    value = getattr(model, member, None)
+    if value is None:
+        return True
+    if member == "vocab_size":
+        return isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1
+    if member == "decode_lengths":
+        return (not isinstance(value, tuple | list) or not value
+                or not all(isinstance(n, int | np.integer) and not isinstance(n, bool) and n >= 1
+                           for n in value))
+    if member == "tap_names":
+        return not isinstance(value, list | tuple) or not value or value[-1] != "logits"
+    return not callable(value)
+
+
+def check_loaded_model(model, port_name: str, uses=("layer-wise diff",)) -> None:
+    """Raise one PortError naming every member `uses` need that the model lacks or has malformed."""
+    problems = [f"{member} ({what})" for use in uses for member, what in MEMBERS[use].items()
+                if _malformed(model, member)]
+    if problems:
+        raise PortError(f"port {port_name!r}: its loaded model ({type(model).__name__}) does not follow "
+                        f"the port protocol v{PROTOCOL_VERSION} (equiv/ports.py) for the "
+                        f"{' and '.join(uses)}: expected " + "; ".join(problems))
 
 
 @runtime_checkable

@@ -162,6 +162,7 @@ class FakeModel:
         self.w = weights(cfg)
         self.ops = _Ops(dtype, cumsum_mean=True)
         self.tap_names = tap_names(cfg.n_layers, self.extra_taps)
+        self.vocab_size = cfg.vocab_size
 
     def info(self) -> PortInfo:
         return PortInfo("fake", "0", {"dtype": self.dtype, "defects": [d.tap for d in self.defects],

@@ -111,9 +111,12 @@ def test_port_without_isolated_mode_exits_2(capsys, good):
     (["diff", "{good}", "--port", "tests.fake_port:FakePort", "--reference", "no_such_mod:f"],
      ["reference 'no_such_mod:f'", "No module named"]),
     (["diff", "{missing}", *FAKE], ["checkpoint: expected a directory", "no such path"]),
-    (["diff", "{no_config}", *FAKE], ["expected a readable", "config.json"]),
-    (["diff", "{bad_json}", *FAKE], ["config.json: expected JSON"]),
-    (["diff", "{no_vocab}", *FAKE], ["expected an integer vocab_size >= 1, got None"]),
+    # the port's own strict reader is the one that reads config.json (the builtin port's here)
+    (["diff", "{no_config}"], ["config.json to exist, it does not"]),
+    (["diff", "{bad_json}"], ["config.json: expected a valid JSON config.json", "JSONDecodeError"]),
+    (["diff", "{no_vocab}"], ["expected a transformers Mamba2 config", "got keys ['d_model']"]),
+    (["diff", "{good}", "--port", "tests.test_cli:port_without_vocab_size", "--reference",
+      "tests.fake_port:load_fake_reference"], ["does not follow the port protocol v1", "vocab_size (an int"]),
     (["diff", "{good}", *FAKE, "--out", "{a_file}"], ["report directory", "expected a directory"]),
 ])
 def test_usage_and_input_errors_exit_2_with_one_line(capsys, tmp_path, good, argv, fragments):
@@ -180,6 +183,19 @@ def test_other_modules_register_subcommands(capsys, monkeypatch):
     code, _, err = run_cli(capsys, "hello", "--times", "x")
     assert code == 2
     assert_one_line_error(err, "equiv hello: error: argument --times")
+
+
+def port_without_vocab_size():
+    """A port whose loaded model lacks a member the harness needs (protocol v1)."""
+    from tests.fake_port import FakePort
+
+    class Port(FakePort):
+        def load(self, checkpoint_dir, dtype="float32"):
+            model = super().load(checkpoint_dir, dtype)
+            del model.vocab_size
+            return model
+
+    return Port()
 
 
 def raising_port_factory():
