@@ -172,6 +172,21 @@ def _budget(text: str) -> float:
     return v
 
 
+def _budget_help() -> str:
+    """--budget's help, read from the tolerance table so the two cannot drift apart."""
+    from equiv.compare import tolerance
+
+    def b(dtype, key):
+        return f"{tolerance(dtype, key).budget:g}"
+
+    return ("error-budget ratio (default: equiv/compare.py TOLERANCES for --dtype and --mode: float32 "
+            f"{b('float32', 'error_budget_accumulated')} accumulated, {b('float32', 'error_budget')} "
+            f"isolated; bfloat16 {b('bfloat16', 'error_budget_accumulated')}, "
+            f"{b('bfloat16', 'error_budget')}). The max-error guard (float32 "
+            f"{b('float32', 'max_error_guard_accumulated')} accumulated, {b('float32', 'max_error_guard')} "
+            "isolated) scales with it")
+
+
 def register_diff(subparsers) -> None:
     p = subparsers.add_parser("diff", help="layer-wise diff of a port against the reference and the oracle",
                               description="Compare every tap of the port with the reference (in --dtype) "
@@ -185,10 +200,7 @@ def register_diff(subparsers) -> None:
     p.add_argument("--batch", type=_positive_int, default=2, help="sequences (default 2)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--mode", default="accumulated", choices=("accumulated", "isolated"))
-    p.add_argument("--budget", type=_budget, default=None,
-                   help="error-budget ratio (default: the tolerance table's for --dtype and --mode: "
-                        "float32 3 accumulated, 2 isolated; bfloat16 6, 4). The max-error guard scales "
-                        "with it")
+    p.add_argument("--budget", type=_budget, default=None, help=_budget_help())
     p.add_argument("--out", type=Path, default=None, help="write report.json/.md/.html and ratio.png here")
     p.set_defaults(func=run_diff)
 

@@ -40,16 +40,26 @@ TOLERANCES: dict[tuple[str, str], Tolerance] = {
         4.0, "bf16 matmul accumulation order differs between XLA and torch kernels; 4x the "
         "reference's own bf16 error still separates rounding from a defect (which is O(1))"),
     ("float32", "error_budget_accumulated"): Tolerance(
-        3.0, "accumulated mode: each tap also carries upstream differences, which an op like the SSD "
-        "amplifies very unevenly (dt enters through exp), so two equally accurate implementations "
-        "differ more there. Measured on the correct port: up to 2.16x at trained-bytes "
-        "layers.3.mixer.ssm (isolated: <= 0.35x), 1.60x on tiny-gh; the smallest planted defect, "
-        "the cumsum-difference segment sum, measures 11.2x. Isolated mode keeps 2.0"),
-    ("bfloat16", "error_budget_accumulated"): Tolerance(6.0, "as for float32, scaled like the bf16 budget"),
+        4.5, "accumulated mode: each tap also carries upstream differences, which an op like the SSD "
+        "amplifies unevenly (dt enters through exp). Set from the null distribution, not from any port: "
+        "equally correct float32 computations of the reference (other chunk sizes, K-blocked or reversed "
+        "linears, random rounding at every op) reach 2.83 at most over every fixture and 5 inputs "
+        "(docs/calibration.md); 4.5 >= 1.5 x that, rounded up so a machine whose float32 kernels round "
+        "a little differently keeps the margin. Correct ports measured: this project's 2.22, an "
+        "independent one 3.0047 (trained-bytes layers.3.mixer.ssm). Isolated mode keeps 2.0"),
+    ("bfloat16", "error_budget_accumulated"): Tolerance(
+        9.0, "as for float32, scaled like the bf16 budget (the bf16 null is not measured)"),
     ("float32", "max_error_guard"): Tolerance(
         8.0, "guards the max |error| ratio against a localised defect the RMS hides; 8x sits well above "
-        "the max-ratio noise measured between correct float32 implementations (<= 2.52)"),
+        "the max-ratio null of isolated mode (2.28, docs/calibration.md) and the noise measured between "
+        "correct float32 implementations per op (<= 2.52); scaled with a --budget other than 2"),
     ("bfloat16", "max_error_guard"): Tolerance(16.0, "as for float32, scaled like the bf16 budget"),
+    ("float32", "max_error_guard_accumulated"): Tolerance(
+        26.0, "accumulated mode's guard: the max-error null reaches 16.72 (random rounding; this "
+        "project's port 14.15 on a random input), 26 >= 1.5 x that (docs/calibration.md); scaled with a "
+        "--budget other than 4.5"),
+    ("bfloat16", "max_error_guard_accumulated"): Tolerance(
+        52.0, "as for float32, scaled like the bf16 budget (not measured)"),
     ("float32", "cosine_min"): Tolerance(
         0.9999, "informational: below this a tensor points elsewhere, whatever the budget says"),
     ("bfloat16", "cosine_min"): Tolerance(0.999, "informational, as for float32"),
@@ -160,10 +170,12 @@ def _first_positions(mask: np.ndarray, k: int = 5) -> list[list[int]]:
 
 
 def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
-                budget: float | None = None) -> TapComparison:
-    """Compare one tap: port and reference (in `dtype`) against the float64 oracle."""
+                budget: float | None = None, max_budget: float | None = None) -> TapComparison:
+    """Compare one tap: port and reference (in `dtype`) against the float64 oracle. `max_budget`
+    (the max-error guard) defaults to the per-op guard scaled by budget / the per-op budget."""
     budget = tolerance(dtype).budget if budget is None else budget
-    max_budget = tolerance(dtype, "max_error_guard").budget * budget / tolerance(dtype).budget
+    if max_budget is None:
+        max_budget = tolerance(dtype, "max_error_guard").budget * budget / tolerance(dtype).budget
     out = TapComparison(name=name, dtype=dtype, budget=budget, max_budget=max_budget)
     arrays = {"port": port, "reference": reference, "oracle": oracle}
     missing = [k for k, v in arrays.items() if v is None]

@@ -197,6 +197,15 @@ def describe_inputs(ids: np.ndarray, mask: np.ndarray | None, seed: int | None) 
             "padded_positions": 0 if mask is None else int((np.asarray(mask) == 0).sum())}
 
 
+def max_error_guard(mode: str, dtype: str, budget: float) -> float:
+    """The mode's max-error guard (compare.TOLERANCES), scaled like a --budget other than the
+    mode's default."""
+    acc = mode == "accumulated"
+    default = tolerance(dtype, "error_budget_accumulated" if acc else "error_budget").budget
+    guard = tolerance(dtype, "max_error_guard_accumulated" if acc else "max_error_guard").budget
+    return guard * budget / default
+
+
 def _validate(mode: str, dtype: str, budget) -> float:
     if mode not in MODES:
         raise EquivError(f"mode: expected one of {list(MODES)}, got {mode!r}")
@@ -242,6 +251,7 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
     port_order += [k for k in (port_taps or {}) if k not in port_order]
 
     stage("comparing")
+    guard = max_error_guard(mode, dtype, budget)
     order, port_only, reference_only = align_taps(port_order, list(ref_taps))
     one_sided = {**{t: "port" for t in port_only}, **{t: "reference" for t in reference_only}}
     taps = []
@@ -253,7 +263,7 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
                                       reason="the port cannot run this tap isolated"))
         else:
             taps.append(compare_tap(name, port_taps.get(name), ref_taps.get(name), oracle_taps.get(name),
-                                    dtype=dtype, budget=budget))
+                                    dtype=dtype, budget=budget, max_budget=guard))
 
     counts = [t.verdict for t in taps]
     verdict = "divergent" if "fail" in counts else "equivalent" if "pass" in counts else "inconclusive"

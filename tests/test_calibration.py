@@ -68,3 +68,29 @@ def test_planted_relative_perturbation_stands_far_above_the_null():
     assert hit > 100 * null_max, (hit, null_max)
     # the other taps are untouched by the plant
     assert all(cal.ratios_for(planted, ref, oracle)[t]["ratio"] == null[t]["ratio"] for t in null if t != tap)
+
+
+MARGIN = 1.5
+"""Each budget must sit at least this far above the null maximum it was set from (docs/calibration.md)."""
+
+
+@pytest.mark.slow
+def test_the_budgets_still_hold_over_a_regenerated_null():
+    """Regenerates part of the calibration (the trained fixture and one tiny one, the main job's
+    inputs plus one random input; reorderings, random rounding and the JAX family) and fails if a
+    budget of equiv/compare.py TOLERANCES no longer stands MARGIN above the null it measures: an
+    equally correct computation must never come near failing."""
+    from equiv.compare import tolerance
+
+    alts = ["torch-chunk-odd", "torch-linear-reversed", "torch-mca-1", "torch-mca-2", "jax-builtin",
+            "jax-unsplit"]
+    run = cal.calibrate(["tiny-gh", "trained-bytes"], seeds=1, alternatives=alts, defect_fixtures=[],
+                        progress=lambda _msg: None)
+    null = run["aggregate"]["by_group"]
+    checks = [("accumulated", "ratio", "error_budget_accumulated"),
+              ("accumulated", "ratio_max", "max_error_guard_accumulated"),
+              ("isolated", "ratio", "error_budget"), ("isolated", "ratio_max", "max_error_guard")]
+    for mode, metric, key in checks:
+        worst = null[mode]["null-all"]["*"][metric]["max"]
+        budget = tolerance("float32", key).budget
+        assert MARGIN * worst <= budget, (mode, metric, worst, budget, null[mode]["null-all"]["*"]["argmax"])

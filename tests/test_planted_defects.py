@@ -297,3 +297,28 @@ def test_cumsum_difference_segsum_flagged_at_ssm_on_long_strong_decay(trio, stro
 def test_other_defects_flagged_at_their_op(trio, defect, tap):
     assert defect in DEFECTS
     _flagged_at(trio, "tiny-g1", defect, tap)
+
+
+def test_the_main_job_fails_the_cancellation_segsum_on_the_trained_fixture():
+    """Porting bug #10 on trained-bytes: inside the accumulated null there (~2.8x, like a correct
+    independent port's 3.0047x), so the accumulated budget cannot tell them apart; the main job
+    still fails it, through isolated mode at the SSD (~5x > 2). Golden reference: torch-free."""
+    from equiv.check import check_fixture, reference_loader
+
+    path = fixture_dir("trained-bytes")
+
+    class PlantedPort:
+        name = "builtin+segsum_cumsum_difference"
+
+        def load(self, checkpoint_dir, dtype="float32"):
+            return plant(Mamba2Port().load(checkpoint_dir, dtype), "segsum_cumsum_difference")
+
+    golden = reference_loader(True, path.parent / "golden")
+    outcome = check_fixture("trained-bytes", path, PlantedPort(), golden, progress=lambda _m: None)
+    assert outcome.verdict == "fail", outcome.error
+    fd = outcome.layerwise["isolated"].first_divergence
+    assert fd is not None and fd.tap.endswith("mixer.ssm") and fd.ratio > 2.0, fd
+    _report("segsum_cumsum_difference", "trained-bytes (main job)", f"isolated {fd.tap}", fd.ratio)
+    acc = outcome.layerwise["accumulated"]
+    _report("segsum_cumsum_difference", "trained-bytes (main job)", "accumulated worst ssm",
+            max(t.ratio for t in acc.taps if t.name.endswith("mixer.ssm")))

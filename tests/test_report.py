@@ -45,11 +45,12 @@ SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report-schema.md"
 
 
 def _run(cfg, defects=(), mode="accumulated", port_extra=(), ref_extra=(), model=None, reference=None,
-         oracle=None):
+         oracle=None, budget=None):
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 16))
     return run_layerwise(model or FakeModel(cfg, "float32", defects, extra_taps=port_extra),
                          reference or FakeRunner(cfg, "float32", ref_extra),
-                         oracle or FakeRunner(cfg, "float64", ref_extra), ids, None, mode=mode, seed=1)
+                         oracle or FakeRunner(cfg, "float64", ref_extra), ids, None, mode=mode, seed=1,
+                         budget=budget)
 
 
 @pytest.fixture(scope="module")
@@ -239,12 +240,12 @@ def test_a_printed_ratio_is_on_the_same_side_of_its_budget_as_the_ratio(budget, 
 
 @pytest.fixture(scope="module")
 def just_over():
-    """A real run whose first divergence is just over the accumulated budget of 3 (3 < ratio <
-    3.005, which 2 decimals print as '3.00x'): the planted defect's size is bisected."""
+    """A real run (accumulated mode, --budget 3) whose first divergence is just over its budget
+    (3 < ratio < 3.005, which 2 decimals print as '3.00x'): the planted defect's size is bisected."""
     lo, hi = 5e-7, 2e-6  # ratio ~1.46 and ~4.8 at layers.1.mix of the 2-layer fake
     for _ in range(60):
         size = (lo + hi) / 2
-        r = _run(FakeConfig(n_layers=2), [Defect("layers.1.mix", size)])
+        r = _run(FakeConfig(n_layers=2), [Defect("layers.1.mix", size)], budget=3.0)
         ratio = r.tap("layers.1.mix").ratio
         if 3.0 < ratio < 3.005 and r.first_divergence and r.first_divergence.tap == "layers.1.mix":
             return r
