@@ -159,7 +159,7 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
         allowed = tolerance(dtype).budget * max(err_r, FLOOR_ULPS * ulp_at(
             float(np.abs(oracle_full[i, k]).max()), dtype))  # what a correct port may err by here
         err_p = min(float(np.abs(port_steps[i, k] - oracle_full[i, k]).max()), allowed)
-        bound = 2.0 * (err_p + err_r)
+        bound = tolerance(dtype, "near_tie_factor").budget * (err_p + err_r)
         ref_margin = _margin(ref_k)
         p_token = port_tok[i][k] if k < len(port_tok[i]) else -1
         r_token = ref_tok[i][k] if k < len(ref_tok[i]) else -1
