@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,13 +179,18 @@ def run_ssd_suite(golden: bool, examples: int | None = None, progress=print) -> 
     return run_ssd_properties(refs, examples_per_property=n, progress=progress)
 
 
+def _wrapped(text: str) -> list[str]:
+    """A note under a summary row: indented, wrapped, never cut."""
+    return textwrap.wrap(text, 100, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
+
+
 def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
     lines = [f"{'fixture':<20} {'layer-wise (acc / iso)':<24} {'decode matched':<16} verdict",
              "-" * 72]
     for o in outcomes:
         if o.error:
             lines.append(f"{o.name:<20} {'(not checked)':<41} ERROR")
-            lines.append(f"  {o.error}"[:200])
+            lines += _wrapped(o.error)
             continue
         lw = " / ".join(f"{r.counts['pass']}/{r.counts['total']}" for r in o.layerwise.values())
         matched = sum(sum(d.matched_steps) for d in o.decode)
@@ -192,15 +198,15 @@ def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
         lines.append(f"{o.name:<20} {lw:<24} {f'{matched}/{total}':<16} {o.verdict.upper()}")
         for mode, r in o.layerwise.items():
             if r.first_divergence:
-                lines.append(f"  {mode}: {r.first_divergence.explanation}"[:200])
+                lines += _wrapped(f"{mode}: {r.first_divergence.explanation}")
         for d in o.decode:
             if d.verdict != "pass" or d.mismatches or d.reference_consistency.verdict != "pass":
-                lines.append(f"  decode {d.prompt_lengths}: {d.reason}"[:200])
+                lines += _wrapped(f"decode {d.prompt_lengths}: {d.reason}")
     lines.append(f"{'SSD duality':<20} {'':<41} {ssd['verdict'].upper()}")
-    lines.append(f"  {ssd['detail']}"[:200])
+    lines += _wrapped(ssd["detail"])
     for p in ssd.get("properties", []):
         if p.get("verdict") != "pass":
-            lines.append(f"  {p['name']}: {p.get('detail', '')}"[:200])
+            lines += _wrapped(f"{p['name']}: {p.get('detail', '')}")
     return "\n".join(lines)
 
 

@@ -280,3 +280,14 @@ def test_numpy_references_dispatch(form):
     _scale_close(f"{form}: y", y, truth[0], 1e-5)
     with pytest.raises(ValueError, match="form"):
         refs.reference("nonsense", kw)
+
+
+def test_the_main_job_reports_a_shrunk_counterexample():
+    """A failing property is shrunk before it is reported (only after a failure: a passing suite
+    draws exactly examples_per_property), so its detail names the simplest example found."""
+    from hypothesis import Phase
+
+    from equiv.ssd_properties import runner_settings
+
+    s = runner_settings(7)
+    assert Phase.shrink in s.phases and s.max_examples == 7 and s.derandomize and s.database is None
