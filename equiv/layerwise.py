@@ -185,7 +185,11 @@ def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
     if precision is None and "jax" in sys.modules:
         precision = str(sys.modules["jax"].config.jax_default_matmul_precision)
     installed = tested_versions.installed_versions()
-    return {"dtype": dtype, "budget": budget, "budget_reason": tolerance(dtype).reason, "mode": mode,
+    default = tolerance(dtype, "error_budget_accumulated" if mode == "accumulated" else "error_budget")
+    reason = default.reason if budget == default.budget else (
+        f"given with --budget (this mode's default is {default.budget:g}: {default.reason})")
+    return {"dtype": dtype, "budget": budget, "budget_reason": reason, "mode": mode,
+            "max_error_guard": max_error_guard(mode, dtype, budget),
             "floor_ulps": FLOOR_ULPS, "matmul_precision": precision or "unknown",
             "versions": {k: v for k, v in installed.items() if v is not None},
             "untested_versions": tested_versions.untested(installed)}

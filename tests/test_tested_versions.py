@@ -58,3 +58,21 @@ def test_a_report_notes_a_version_outside_the_tested_set(monkeypatch):
     result = run()
     assert result.settings["untested_versions"] == ["transformers 5.26.0 (tested: 5.23.0 to 5.25.0)"]
     assert any(n.startswith("outside the tested versions: transformers 5.26.0") for n in result.notes)
+
+
+def test_a_report_gives_the_reason_of_the_budget_it_applied():
+    from equiv.compare import tolerance
+    from equiv.layerwise import run_layerwise
+
+    cfg = FakeConfig()
+    ids = np.zeros((1, 8), np.int32)
+    for mode, key in (("accumulated", "error_budget_accumulated"), ("isolated", "error_budget")):
+        r = run_layerwise(FakeModel(cfg, "float32"), FakeRunner(cfg, "float32"), FakeRunner(cfg, "float64"),
+                          ids, None, mode=mode)
+        assert r.budget == tolerance("float32", key).budget
+        assert r.settings["budget_reason"] == tolerance("float32", key).reason
+    r = run_layerwise(FakeModel(cfg, "float32"), FakeRunner(cfg, "float32"), FakeRunner(cfg, "float64"),
+                      ids, None, budget=3.0)
+    assert r.settings["budget_reason"].startswith("given with --budget (this mode's default is 4.5")
+    guard = tolerance("float32", "max_error_guard_accumulated").budget
+    assert r.settings["max_error_guard"] == guard * 3.0 / 4.5
