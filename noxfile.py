@@ -10,6 +10,7 @@ supported transformers release and the newest the index serves. Posargs pass thr
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -68,9 +69,22 @@ def equivalence(session: nox.Session) -> None:
     session.run("equiv", "check", "--out", "equivalence-report", *session.posargs)
 
 
+def install_chromium_in_ci(session: nox.Session) -> None:
+    """Debian's chromium, for the test that renders the HTML report in a real headless browser
+    (tests/test_report_browser.py), on a CI machine (CI set) where apt-get runs as root and no
+    chromium is installed. Elsewhere, or if apt fails, that test skips and says why."""
+    if (os.environ.get("CI") and shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0
+            and not Path("/usr/bin/chromium").exists()):
+        session.log("installing Debian's chromium for the browser test of the HTML report")
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+            session.run(*cmd, external=True, success_codes=range(256),
+                        env={"DEBIAN_FRONTEND": "noninteractive"})
+
+
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """The test suite (pytest + hypothesis, ci profile), fanned out over the machine's cores."""
+    install_chromium_in_ci(session)
     install_project(session, "reference", "test", "report", "mamba2-jax")
     install_mamba_ssm(session)
     workers = os.environ.get("SSM_EQUIV_WORKERS", "2")

@@ -28,7 +28,7 @@ from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.ports import check_loaded_model
-from equiv.report import summary_line, write_reports
+from equiv.report import coverage, coverage_phrase, summary_line, write_reports
 
 SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 2}
 EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_INPUT, EXIT_NOT_RUN = 0, 1, 2, 3
@@ -185,17 +185,21 @@ def _wrapped(text: str) -> list[str]:
 
 
 def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
-    lines = [f"{'fixture':<20} {'layer-wise (acc / iso)':<24} {'decode matched':<16} verdict",
+    lines = [f"{'checkpoint':<20} {'pass / compared (acc, iso)':<27} {'decode matched':<13} verdict",
              "-" * 72]
     for o in outcomes:
         if o.error:
             lines.append(f"{o.name:<20} {'(not checked)':<41} ERROR")
             lines += _wrapped(o.error)
             continue
-        lw = " / ".join(f"{r.counts['pass']}/{r.counts['total']}" for r in o.layerwise.values())
+        cov = {mode: coverage(r) for mode, r in o.layerwise.items()}
+        lw = ", ".join(f"{c['pass']}/{c['compared']}" for c in cov.values())
         matched = sum(sum(d.matched_steps) for d in o.decode)
         total = sum(sum(d.total_steps) for d in o.decode)
-        lines.append(f"{o.name:<20} {lw:<24} {f'{matched}/{total}':<16} {o.verdict.upper()}")
+        lines.append(f"{o.name:<20} {lw:<27} {f'{matched}/{total}':<13} {o.verdict.upper()}")
+        for mode, r in o.layerwise.items():  # taps not compared are said, never counted as passes
+            if cov[mode]["compared"] < cov[mode]["total"]:
+                lines += _wrapped(f"{mode}: {coverage_phrase(r)}")
         for mode, r in o.layerwise.items():
             if r.first_divergence:
                 lines += _wrapped(f"{mode}: {r.first_divergence.explanation}")
