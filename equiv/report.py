@@ -340,7 +340,10 @@ def _golden_statement(recordings: list[dict]) -> str:
     def when(rec, plural=False):
         if rec["recorded_at"]:
             return f"recorded {rec['recorded_at']}"
-        return "the recordings carry no date" if plural else "the recording carries no date"
+        return ("the recordings carry no date: they are deterministic, and `nox -s fixtures` regenerates "
+                "them bit for bit with these versions") if plural else (
+                "the recording carries no date: it is deterministic, and `nox -s fixtures` regenerates it "
+                "bit for bit with these versions")
 
     shared = len({(made_with(rec), when(rec)) for rec in recordings}) == 1
     parts = []

@@ -376,7 +376,8 @@ def test_a_golden_replay_says_so_in_every_report(tmp_path):
     assert statement.startswith("GOLDEN MODE: the reference was not run here; its recorded outputs were "
                                 "replayed.")
     assert f"recorded with numpy {np.__version__}" in statement
-    assert statement.endswith("the recordings carry no date")
+    assert statement.endswith("the recordings carry no date: they are deterministic, and `nox -s fixtures` "
+                              "regenerates them bit for bit with these versions")
     paths = write_reports(r, tmp_path / "out")
     for text in (terminal_table(r), paths["report.md"].read_text(), paths["report.html"].read_text()):
         assert "GOLDEN MODE" in text and f"numpy {np.__version__}" in text
