@@ -1,7 +1,7 @@
 """Per-tensor metrics and the error budget: the one place a pass/fail criterion is computed.
 
 The float32 criterion is relative to the reference's own rounding error on the same inputs
-(README, "How the verdict is made: the error budget"; docs/design.md):
+(README, "How the verdict is made: the error budget"; docs/architecture.md):
 
     err_port = dist(port, oracle_fp64)      err_ref = dist(reference, oracle_fp64)
     ratio    = err_port / max(err_ref, floor)          pass if ratio <= budget

@@ -2,7 +2,7 @@
 
 Every property takes an `SSDInstance` (equiv.strategies) and an `SSDReferences` object
 (equiv.ssd_harness): the float64 oracle and the float32 counterpart of each form, whose own error
-against the oracle sets the budget (docs/design.md, "The error budget"): the port's error is at most
+against the oracle sets the budget (docs/architecture.md, "The error budget"): the port's error is at most
 `budget` x that reference's on the same inputs; where two port results of the same quantity are
 compared directly, they must agree within the triangle bound of that budget. Properties that hold
 exactly in floating point (causality, power-of-two homogeneity) are checked bit for bit. A

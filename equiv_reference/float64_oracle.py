@@ -11,7 +11,7 @@ float64 forward of tiny-g2, 2 layers, 11 sites):
     Mamba2ForCausalLM.forward        logits ... .float()
 
 so `model.double()` gives an "oracle" whose norms and SSD carry float32 rounding: the float32
-reference's error measured against it is underestimated and the error budget (docs/design.md) breaks.
+reference's error measured against it is underestimated and the error budget (docs/architecture.md) breaks.
 `Float64Lift` is a TorchFunctionMode that, while active, turns every float64 -> float32 cast into a
 no-op (`Tensor.float`, `Tensor.to(float32 / a float32 tensor)`), so the library's own code runs
 end to end in float64. Casts of other dtypes are untouched. The sites it lifted are recorded for the

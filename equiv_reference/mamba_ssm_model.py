@@ -8,7 +8,7 @@ Three steps, each checked:
    `selective_scan_cuda` at module level; where that extension is not built, a stub module (named
    `selective_scan_cuda`, every attribute access raising) stands in for the import only. Mamba-2
    layers never call it. sys.modules is then put back exactly as found for `mamba_ssm*` and the
-   stubs, so a later `import mamba_ssm` (transformers' kernel binding, docs/design.md) still fails and
+   stubs, so a later `import mamba_ssm` (transformers' kernel binding, docs/architecture.md) still fails and
    transformers keeps its torch fallback. The classes keep working: each holds its module globals.
 2. config: `translate_config(dir)` reads config.json with the port's strict reader (every attribute
    mapped, harmless or refused), then maps it onto `MambaConfig`; any attribute with no faithful

@@ -255,8 +255,8 @@ class TransformersRunner:
                 "blocked_packages": list(prov.KERNEL_PACKAGES),
                 "why": "transformers binds mamba_ssm / causal_conv1d kernels when they are importable at its "
                        "first import of modeling_mamba2, and they crash a CPU forward; the reference is "
-                       "defined as the torch fallback (docs/design.md), so the packages are hidden at that "
-                       "import and every dispatched call runs the torch body",
+                       "defined as the torch fallback (docs/architecture.md), so the packages are hidden at "
+                       "that import and every dispatched call runs the torch body",
             },
             "float64_lift": {"active": self.lift, "lifted_casts": dict(sorted(self.lifted_sites.items()))}
             if self.dtype == "float64" else None,

@@ -1,4 +1,4 @@
-"""The error budget must separate rounding from defects (docs/design.md; docs/porting-bugs.md #10).
+"""The error budget must separate rounding from defects (docs/architecture.md; docs/porting-bugs.md #10).
 
 Must-show: on a long, strongly decaying sequence, `ssd_chunked`'s error against the float64 oracle
 is within 2x the error of transformers' float32 chunk scan, and the same code with mamba2-jax
