@@ -28,7 +28,8 @@ from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.ports import check_loaded_model
-from equiv.report import coverage, coverage_phrase, summary_line, write_reports
+from equiv.report import write_reports
+from equiv.report_wording import coverage, coverage_phrase, summary_line
 
 SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 2}
 EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_INPUT, EXIT_NOT_RUN = 0, 1, 2, 3

@@ -1,363 +1,37 @@
 """Reports of a layer-wise diff: the 80-column terminal table, the versioned JSON (schema in
 docs/report-schema.md), the Markdown PR comment, and `write_reports` for a whole directory (the HTML
-page and its plot live in equiv/report_html.py).
-
-Everything here reads a `LayerwiseResult`; nothing knows the model: tap kinds and layer indices are
-parsed from the tap names (the first all-digit component is the layer index).
-"""
+page and its plot live in equiv/report_html.py). What they say is equiv/report_wording.py's."""
 
 from __future__ import annotations
 
 import json
-import math
 import textwrap
 from pathlib import Path
 
-import numpy as np
-
-from equiv.compare import reference_implausible, tolerance
 from equiv.errors import EquivError, ReportWriteError
 from equiv.layerwise import LayerwiseResult
-from equiv.layerwise import format_ratio as _layerwise_ratio
+from equiv.report_wording import (
+    by_severity,
+    coverage,
+    explanation_text,
+    fail_cause,
+    fmt_budget,
+    fmt_err,
+    golden_replay,
+    headline,
+    jsonable,
+    max_guard,
+    ratio_cell,
+    reference_label,
+    summary_line,
+    tap_kind,
+    tap_note,
+    verdict_label,
+)
 
 SCHEMA = "ssm-equiv/layerwise"
 SCHEMA_VERSION = 1
 WIDTH = 80
-
-
-# ---------------------------------------------------------------------------------------------
-# numbers that agree with the verdict
-
-
-def fmt_budget(b) -> str:
-    """A budget or guard exactly as it is applied: '3', '12', '2.5', '1e+09'; never rounded."""
-    if b is None or not math.isfinite(b):
-        return "-"
-    b = float(b)
-    short = f"{b:g}"
-    return short if float(short) == b else repr(b)
-
-
-def _sig(r: float, digits: int) -> str:
-    """`r` (finite, >= 0) with at least `digits` significant digits: fixed notation from 1e-3 to
-    1e5 (so 4163 prints whole), scientific outside."""
-    if r == 0:
-        return "0"
-    if r >= 1e5 or r < 1e-3:
-        return f"{r:.{digits - 1}e}"
-    return f"{r:.{max(0, digits - 1 - math.floor(math.log10(r)))}f}"
-
-
-def fmt_number(value, limit=None) -> str:
-    """At least 3 significant digits, and when `limit` is given as many more as it takes for the
-    printed value to sit on the same side of `limit` as the value itself: 3.0047 against 3 prints
-    '3.005', never '3.00'. '-' when unknown, 'inf' for infinity."""
-    if value is None or math.isnan(value):
-        return "-"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    value = float(value)
-    sign, r = ("-", -value) if value < 0 else ("", value)
-    for digits in range(3, 18):
-        text = sign + _sig(r, digits)
-        if limit is None or not math.isfinite(limit) or (float(text) > limit) == (value > limit):
-            return text
-    return repr(value)
-
-
-def fmt_ratio(ratio, budget=None) -> str:
-    """A budget ratio as every report prints it: '0.136x', '413x', '2.10e+07x', and against its
-    budget never rounded onto or across it ('3.005x' for 3.0047 against a budget of 3)."""
-    text = fmt_number(ratio, budget)
-    return text if text in ("-", "inf", "-inf") else text + "x"
-
-
-def max_guard(result: LayerwiseResult) -> float:
-    """The max-error guard the taps were judged by (equiv/compare.py: it moves with the budget)."""
-    for t in result.taps:
-        if math.isfinite(t.max_budget):
-            return t.max_budget
-    return (tolerance(result.dtype, "max_error_guard").budget * result.budget
-            / tolerance(result.dtype).budget)
-
-
-# ---------------------------------------------------------------------------------------------
-# shared formatting
-
-
-def tap_kind(name: str) -> tuple[str, int | None]:
-    """'layers.3.mixer.ssm' -> ('mixer.ssm', 3); 'layers.3' -> ('(block output)', 3);
-    'logits' -> ('logits', None). The layer index is the first all-digit dotted component."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            rest = ".".join(parts[i + 1:])
-            return (rest or "(block output)"), int(part)
-    return name, None
-
-
-def fmt_err(e) -> str:
-    return "-" if e is None or not math.isfinite(e) else f"{e:.2e}"
-
-
-def verdict_label(result: LayerwiseResult, name: str, verdict: str) -> str:
-    if name in result.port_only:
-        return "p-only"
-    if name in result.reference_only:
-        return "r-only"
-    return {"pass": "ok", "fail": "FAIL", "unavailable": "n/a"}.get(verdict, verdict)
-
-
-def by_severity(result: LayerwiseResult) -> list:
-    """Taps worst first: failures by ratio, then passes by ratio, then the rest (ratio unknown)."""
-    def key(t):
-        r = t.ratio if math.isfinite(t.ratio) else -1.0
-        return (t.verdict != "fail", -r, t.name)
-    return sorted(result.taps, key=key)
-
-
-def fail_cause(t) -> str | None:
-    """Which criterion failed the tap, in equiv/compare.py's order: 'nonfinite', 'other' (shape
-    mismatch, nothing finite), 'reference' (the reference itself implausible), 'rms' (ratio over
-    budget), 'max' (max-error ratio over the guard); None for a tap that did not fail."""
-    if t.verdict != "fail":
-        return None
-    if t.nonfinite.get("port_mismatch_count"):
-        return "nonfinite"
-    if not math.isfinite(t.ratio):
-        return "other"
-    if reference_implausible(t.ref_rel_error, t.dtype):
-        return "reference"
-    if t.ratio > t.budget:
-        return "rms"
-    if math.isfinite(t.ratio_max) and t.ratio_max > t.max_budget:
-        return "max"
-    return "other"
-
-
-def failure_brief(t) -> str:
-    """Why a tap failed, in a few words: '3.005x > budget 3', 'max-error ratio 12.04x > guard 12',
-    'NaN/Inf at 3 positions', 'shape mismatch', 'the reference itself is 0.011 from the oracle'."""
-    cause = fail_cause(t)
-    if cause == "rms":
-        return f"{fmt_ratio(t.ratio, t.budget)} > budget {fmt_budget(t.budget)}"
-    if cause == "max":
-        return f"max-error ratio {fmt_ratio(t.ratio_max, t.max_budget)} > guard {fmt_budget(t.max_budget)}"
-    if cause == "nonfinite":
-        n = t.nonfinite["port_mismatch_count"]
-        return f"{'overflow to inf' if t.overflow else 'NaN/Inf'} at {n} position{'s' if n != 1 else ''}"
-    if cause == "reference":
-        limit = tolerance(t.dtype, "reference_rel_error_max").budget
-        return (f"the reference itself is {fmt_number(t.ref_rel_error, limit)} from the oracle "
-                f"> limit {fmt_budget(limit)}")
-    return t.reason.split(":", 1)[0]
-
-
-def tap_reason(t) -> str:
-    """equiv/compare.py's reason for a tap, with every ratio printed by `fmt_ratio` against the
-    threshold it was judged by; reasons without a ratio (missing, NaN/Inf, shape) unchanged."""
-    cause = fail_cause(t)
-    b, mb = fmt_budget(t.budget), fmt_budget(t.max_budget)
-    if t.verdict == "pass" and math.isfinite(t.ratio):
-        text = f"{fmt_ratio(t.ratio, t.budget)} the reference's own float error (budget {b}x)"
-        if math.isfinite(t.ratio_max):
-            text += f"; max-error ratio {fmt_ratio(t.ratio_max, t.max_budget)} (guard {mb}x)"
-        return text
-    if cause == "rms":
-        return (f"{fmt_ratio(t.ratio, t.budget)} the reference's own float error (RMS; budget {b}x): "
-                f"RMS |port - oracle| {t.err_port:.3g}, reference {t.err_ref:.3g}; worst element "
-                f"{t.max_err_port:.3g} at {list(t.worst_index)}")
-    if cause == "max":
-        return (f"localised error: max |port - oracle| {t.max_err_port:.3g} at {list(t.worst_index)} is "
-                f"{fmt_ratio(t.ratio_max, t.max_budget)} the reference's worst element {t.max_err_ref:.3g} "
-                f"(guard {mb}x) while the RMS ratio is {fmt_ratio(t.ratio, t.budget)} (budget {b}x)")
-    if cause == "reference":
-        limit = tolerance(t.dtype, "reference_rel_error_max").budget
-        rms_oracle = t.err_ref / t.ref_rel_error if t.ref_rel_error > 0 else math.nan
-        port_rel = t.err_port / rms_oracle if rms_oracle > 0 else math.nan
-        return (f"the reference itself is {fmt_number(t.ref_rel_error, limit)} (relative RMS) from the "
-                f"float64 oracle, beyond any {t.dtype} rounding (limit {fmt_budget(limit)}): reference "
-                f"and oracle compute different math, so the budget cannot judge this tap; the port is "
-                f"{fmt_number(port_rel)} from the oracle")
-    return t.reason
-
-
-def _explanation_head(t) -> str:
-    """What an explanation says first about a failing tap, its ratio against the threshold that
-    failed it (the engine rounds the ratio, and names the RMS ratio even when the guard failed it)."""
-    cause = fail_cause(t)
-    if cause == "rms":
-        return (f"{fmt_ratio(t.ratio, t.budget)} the reference's {t.dtype} error "
-                f"> budget {fmt_budget(t.budget)}")
-    if cause == "max":
-        return (f"max-error ratio {fmt_ratio(t.ratio_max, t.max_budget)} > guard {fmt_budget(t.max_budget)} "
-                f"(RMS ratio {fmt_ratio(t.ratio, t.budget)}, within budget {fmt_budget(t.budget)})")
-    return tap_reason(t)
-
-
-def _split_explanation(result: LayerwiseResult, name: str) -> tuple[str, str] | None:
-    """(head, placement) of the engine's explanation 'name: head; placement', the head being one of
-    the two it writes (equiv/layerwise.py: `_ratio_text`); None when it has no explanation."""
-    text = result.explanations.get(name)
-    if text is None:
-        return None
-    t = result.tap(name)
-    body = text.removeprefix(f"{name}: ")
-    for head in (f"{_layerwise_ratio(t.ratio)} the reference's {t.dtype} error", t.reason):
-        if head and body.startswith(head + "; "):
-            return head, body[len(head) + 2:]
-    return body, ""
-
-
-def explanation_text(result: LayerwiseResult, name: str) -> str | None:
-    """The layer-wise engine's one-line explanation of a failing tap with its ratio restated against
-    the threshold that failed it; where the failure is placed is kept word for word."""
-    parts = _split_explanation(result, name)
-    if parts is None:
-        return None
-    head, placement = parts
-    if placement or head in (f"{_layerwise_ratio(result.tap(name).ratio)} the reference's "
-                             f"{result.tap(name).dtype} error", result.tap(name).reason):
-        head = _explanation_head(result.tap(name))
-    return f"{name}: {head}" + (f"; {placement}" if placement else "")
-
-
-def tap_note(result: LayerwiseResult, t) -> str:
-    """What a table row says beside its numbers: for a failing tap, where its explanation places
-    the defect (the ratio has its own column; a tap failed by the max-error guard says so too);
-    otherwise the comparison's reason."""
-    if t.verdict != "fail":
-        return tap_reason(t)
-    parts = _split_explanation(result, t.name)
-    placement = parts[1] if parts else ""
-    if fail_cause(t) in ("rms",) and placement:
-        return placement
-    head = _explanation_head(t)
-    return f"{head}; {placement}" if placement else head
-
-
-def reference_label(provenance: dict) -> tuple[str, str]:
-    """(runner, code path) from a runner's provenance: `runner`/`code_path`, or the transformers
-    runner's `reference`/`path`; the keys belong to the runner, so absent ones say so."""
-    runner = provenance.get("runner") or provenance.get("reference") or provenance.get("name") or "?"
-    code_path = provenance.get("code_path") or provenance.get("path") or "code path not reported"
-    return str(runner), str(code_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# coverage: how many taps were compared, and why the others were not
-
-
-def coverage(result: LayerwiseResult) -> dict:
-    """Counts over `result.taps`: `total`; `compared` (verdict pass or fail) with its `pass` and
-    `fail`; and the taps not compared, by why: `reference_only` (the port does not produce them),
-    `port_only` (the reference does not), `other` (both sides list them but one could not give
-    it, e.g. a port without isolated mode). `compared_names` in execution order."""
-    port_only, ref_only = set(result.port_only), set(result.reference_only)
-    compared = [t.name for t in result.taps if t.verdict in ("pass", "fail")]
-    fails = sum(t.verdict == "fail" for t in result.taps)
-    return {"total": len(result.taps), "compared": len(compared), "pass": len(compared) - fails,
-            "fail": fails, "compared_names": compared,
-            "reference_only": sum(t.name in ref_only for t in result.taps if t.verdict == "unavailable"),
-            "port_only": sum(t.name in port_only for t in result.taps if t.verdict == "unavailable"),
-            "other": sum(t.verdict == "unavailable" and t.name not in port_only | ref_only
-                         for t in result.taps)}
-
-
-def coverage_phrase(result: LayerwiseResult) -> str:
-    """'all 12 taps compared', '1 of 17 taps compared (logits only; 16 not produced by the port)'."""
-    c = coverage(result)
-    if c["compared"] == c["total"]:
-        return f"all {c['total']} tap{'s' if c['total'] != 1 else ''} compared"
-    why = []
-    if 0 < c["compared"] <= 3:
-        names = c["compared_names"]
-        why.append((", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " only")
-    for key, words in (("reference_only", "not produced by the port"),
-                       ("port_only", "not produced by the reference"),
-                       ("other", "unavailable on a side")):
-        if c[key]:
-            why.append(f"{c[key]} {words}")
-    return f"{c['compared']} of {c['total']} taps compared ({'; '.join(why)})"
-
-
-def summary_line(result: LayerwiseResult) -> str:
-    """'DIVERGENT: all 12 taps compared, 3 fail, first at layers.1.mix (3.005x > budget 3)';
-    'EQUIVALENT: 1 of 17 taps compared (logits only; 16 not produced by the port), 0 fail'. Fail
-    counts are out of the compared taps."""
-    c = coverage(result)
-    head = f"{result.verdict.upper()}: {coverage_phrase(result)}, {c['fail']} fail"
-    if result.first_divergence:
-        fd = result.first_divergence
-        head += f", first at {fd.tap} ({failure_brief(result.tap(fd.tap))})"
-    return head
-
-
-def headline(result: LayerwiseResult) -> str:
-    """The title of the Markdown and HTML reports: verdict and coverage."""
-    c = coverage(result)
-    return (f"{result.verdict.upper()} ({c['compared']} of {c['total']} taps compared, "
-            f"{c['fail']} fail)")
-
-
-# ---------------------------------------------------------------------------------------------
-# golden mode: the reference side was replayed from recordings
-
-
-def golden_replay(result: LayerwiseResult) -> dict | None:
-    """When the reference (or oracle) was replayed from a recording, what the recording says about
-    itself; None for a live run. Detected from the `replayed_from` key that
-    `equiv.golden.GoldenRunner.provenance()` adds to the recorded provenance (it sets no other flag).
-    """
-    recordings = []
-    for side, prov in (("reference", result.reference), ("oracle", result.oracle)):
-        if not isinstance(prov, dict) or "replayed_from" not in prov:
-            continue
-        runner, code_path = reference_label(prov)
-        env = prov.get("environment") if isinstance(prov.get("environment"), dict) else {}
-        env_keys = ("device", "torch_float32_matmul_precision", "cuda_matmul_allow_tf32", "torch_num_threads")
-        recordings.append({
-            "side": side, "replayed_from": str(prov["replayed_from"]), "runner": runner,
-            "code_path": code_path, "dtype": prov.get("dtype"), "checkpoint": prov.get("checkpoint"),
-            "versions": dict(prov.get("versions") or {}),
-            "environment": {k: v for k, v in env.items() if k in env_keys},
-            "recorded_at": prov.get("recorded_at") or prov.get("timestamp") or prov.get("date")})
-    if not recordings:
-        return None
-    return {"statement": _golden_statement(recordings), "recordings": recordings}
-
-
-def _golden_statement(recordings: list[dict]) -> str:
-    """'GOLDEN MODE: ... reference: transformers Mamba2ForCausalLM (torch fallback, float32) on
-    tiny-g2, replayed from ...; oracle: ...; recorded with transformers 5.25.0, torch ... (device
-    cpu, ...); the recordings carry no date'. One 'recorded with' when every side's is the same."""
-
-    def made_with(rec):
-        versions = ", ".join(f"{k} {v}" for k, v in rec["versions"].items() if v) or "no versions recorded"
-        env = ", ".join(f"{k} {v}" for k, v in rec["environment"].items())
-        return f"recorded with {versions}" + (f" ({env})" if env else "")
-
-    def when(rec, plural=False):
-        if rec["recorded_at"]:
-            return f"recorded {rec['recorded_at']}"
-        return ("the recordings carry no date: they are deterministic, and `nox -s fixtures` regenerates "
-                "them bit for bit with these versions") if plural else (
-                "the recording carries no date: it is deterministic, and `nox -s fixtures` regenerates it "
-                "bit for bit with these versions")
-
-    shared = len({(made_with(rec), when(rec)) for rec in recordings}) == 1
-    parts = []
-    for rec in recordings:
-        what = f"{rec['runner']} ({rec['code_path']}" + (f", {rec['dtype']}" if rec["dtype"] else "") + ")"
-        if rec["checkpoint"]:
-            what += f" on {rec['checkpoint']}"
-        parts.append(f"{rec['side']}: {what}, replayed from {rec['replayed_from']}"
-                     + ("" if shared else f", {made_with(rec)}; {when(rec)}"))
-    many = len(recordings) > 1
-    tail = (f"; {'both ' if many else ''}{made_with(recordings[0])}; {when(recordings[0], many)}"
-            if shared else "")
-    return ("GOLDEN MODE: the reference was not run here; its recorded outputs were replayed. "
-            + "; ".join(parts) + tail)
 
 
 def _wrap(text: str, indent: str = "") -> list[str]:
@@ -371,17 +45,10 @@ def _wrap(text: str, indent: str = "") -> list[str]:
 _ROW = "{:2}{:<28} {:<6} {:>11} {:>9} {:>9} {:>9}"
 
 
-def _ratio_cell(t) -> str:
-    """The ratio column: the RMS ratio; for a tap failed by the max-error guard, that ratio, marked."""
-    if fail_cause(t) == "max":
-        return fmt_ratio(t.ratio_max, t.max_budget) + " max"
-    return fmt_ratio(t.ratio, t.budget)
-
-
 def _table_rows(result: LayerwiseResult, t, mark: str) -> list[str]:
     """One row, or two when the tap name is longer than its column: the name whole on its own line,
     the numbers under it (names are never cut)."""
-    cells = (verdict_label(result, t.name, t.verdict), _ratio_cell(t), fmt_err(t.err_port),
+    cells = (verdict_label(result, t.name, t.verdict), ratio_cell(t), fmt_err(t.err_port),
              fmt_err(t.err_ref), fmt_err(t.raw_diff))
     if len(t.name) <= 28:
         return [_ROW.format(mark, t.name, *cells)]
@@ -429,23 +96,6 @@ def terminal_table(result: LayerwiseResult, limit: int = 20) -> str:
 # (b) JSON
 
 
-def _jsonable(x):
-    """NaN / inf -> None, numpy scalars and arrays -> Python, tuples -> lists, recursively."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _jsonable(x.tolist())
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if x is None or isinstance(x, bool | int | float | str):
-        return x
-    return str(x)
-
-
 def to_json_dict(result: LayerwiseResult) -> dict:
     """The report as plain JSON data, field by field as docs/report-schema.md documents it."""
     taps = []
@@ -457,7 +107,7 @@ def to_json_dict(result: LayerwiseResult) -> dict:
                      "explanation": explanation_text(result, t.name)})
     fd = result.first_divergence
     counts = {**result.counts, "compared": coverage(result)["compared"]}
-    return _jsonable({
+    return jsonable({
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "verdict": result.verdict, "summary": summary_line(result),
         "mode": result.mode, "dtype": result.dtype, "budget": result.budget, "counts": counts,
@@ -496,7 +146,7 @@ def _md(text) -> str:
 def _md_row(result: LayerwiseResult, t) -> str:
     mark = "**>**" if result.first_divergence and t.name == result.first_divergence.tap else ""
     note = tap_note(result, t) if t.verdict == "fail" else ""
-    return (f"| {mark} | `{t.name}` | {verdict_label(result, t.name, t.verdict)} | {_ratio_cell(t)} | "
+    return (f"| {mark} | `{t.name}` | {verdict_label(result, t.name, t.verdict)} | {ratio_cell(t)} | "
             f"{fmt_err(t.err_port)} | {fmt_err(t.err_ref)} | {fmt_err(t.raw_diff)} | {_md(note)} |")
 
 
@@ -539,7 +189,7 @@ def to_markdown(result: LayerwiseResult, worst: int = 10, max_failing: int = 30)
     out += ["<details><summary>Provenance</summary>", ""]
     for title, block in (("port", result.port), ("reference", result.reference), ("oracle", result.oracle),
                          ("settings", result.settings), ("inputs", result.inputs)):
-        out.append(f"- **{title}**: `{_md(json.dumps(_jsonable(block), sort_keys=True))}`")
+        out.append(f"- **{title}**: `{_md(json.dumps(jsonable(block), sort_keys=True))}`")
     out += ["", "</details>", ""]
     return "\n".join(out)
 

@@ -17,9 +17,7 @@ import json
 import math
 
 from equiv.layerwise import LayerwiseResult
-from equiv.report import (
-    _jsonable,
-    _ratio_cell,
+from equiv.report_wording import (
     coverage,
     explanation_text,
     failure_brief,
@@ -27,7 +25,9 @@ from equiv.report import (
     fmt_err,
     golden_replay,
     headline,
+    jsonable,
     max_guard,
+    ratio_cell,
     reference_label,
     summary_line,
     tap_kind,
@@ -240,7 +240,7 @@ def _header_rows(result: LayerwiseResult) -> str:
 def _full_provenance(result: LayerwiseResult) -> str:
     blocks = {"port": result.port, "reference": result.reference, "oracle": result.oracle,
               "settings": result.settings, "inputs": result.inputs}
-    return "\n".join(f"<h3>{_e(name)}</h3><pre>{_e(json.dumps(_jsonable(b), indent=1))}</pre>"
+    return "\n".join(f"<h3>{_e(name)}</h3><pre>{_e(json.dumps(jsonable(b), indent=1))}</pre>"
                      for name, b in blocks.items())
 
 
@@ -252,7 +252,7 @@ def _tap_rows(result: LayerwiseResult) -> str:
         label = verdict_label(result, t.name, t.verdict)
         cells = [f'<td class="tap">{_e(t.name)}</td>', f"<td>{_e(label)}</td>"]
         cells += [f'<td class="num">{_e(v)}</td>' for v in (
-            _ratio_cell(t), fmt_err(t.err_port), fmt_err(t.err_ref), fmt_err(t.raw_diff),
+            ratio_cell(t), fmt_err(t.err_port), fmt_err(t.err_ref), fmt_err(t.raw_diff),
             fmt_err(t.floor),
             "-" if not math.isfinite(t.cosine) else f"{max(0.0, 1 - t.cosine):.1e}",
             "-" if not math.isfinite(t.ulp_p99) else f"{t.ulp_p99:.4g}")]

@@ -25,13 +25,7 @@ from equiv.golden import GoldenRunner, RecordingRunner, save_recording
 from equiv.layerwise import run_layerwise
 from equiv.report import (
     SCHEMA,
-    failure_brief,
-    fmt_budget,
-    fmt_ratio,
     read_report,
-    summary_line,
-    tap_kind,
-    tap_reason,
     terminal_table,
     to_json,
     to_json_dict,
@@ -39,6 +33,7 @@ from equiv.report import (
     write_reports,
 )
 from equiv.report_html import plot_positions, ratio_plot_png, to_html
+from equiv.report_wording import failure_brief, fmt_budget, fmt_ratio, summary_line, tap_kind, tap_reason
 from tests.fake_port import Defect, FakeConfig, FakeModel, FakeRunner
 
 SCHEMA_DOC = Path(__file__).resolve().parents[1] / "docs" / "report-schema.md"

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from equiv.layerwise import run_layerwise
-from equiv.report import summary_line, write_reports
+from equiv.report import write_reports
+from equiv.report_wording import summary_line
 from tests.fake_port import Defect, FakeConfig, FakeModel, FakeRunner
 
 CHROMIUM = Path("/usr/bin/chromium")
