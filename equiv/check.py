@@ -25,7 +25,7 @@ import numpy as np
 
 from equiv import tested_versions
 from equiv.decode import DecodeResult, match_greedy
-from equiv.errors import EquivError, ReferenceChanged, ReportWriteError
+from equiv.errors import EquivError, ReferenceChanged, ReportWriteError, first_line
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.ports import check_loaded_model
 from equiv.report import write_reports
@@ -123,8 +123,7 @@ def check_fixture(name: str, path: Path, port, load_ref, progress=print) -> Fixt
         progress(f"[{name}] error: {e}")
         return FixtureOutcome(name, error=str(e), seconds=time.perf_counter() - t0)
     except Exception as e:  # noqa: BLE001 - a port's or library's own exception, named, not a traceback
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "(no message)"
-        message = f"{type(e).__name__} while checking {name}: {first}"
+        message = f"{type(e).__name__} while checking {name}: {first_line(e)}"
         progress(f"[{name}] error: {message}")
         return FixtureOutcome(name, error=message, seconds=time.perf_counter() - t0)
 

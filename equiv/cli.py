@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import CheckpointError, EquivError
+from equiv.errors import CheckpointError, EquivError, first_line
 
 SUBCOMMAND_MODULES = ("equiv.cli_check",)  # `equiv check` (the main job, also on any checkpoint)
 REFERENCES = ("transformers", "mamba_ssm")
@@ -255,11 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def unexpected_error_line(e: BaseException, command: str | None) -> str:
     """One line for an exception no layer turned into an EquivError: what failed and what to do."""
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "(no message)"
     where = f"equiv {command}" if command else "equiv"
-    return (f"equiv: error: {where} failed with {type(e).__name__}: {first} (expected to finish or to "
-            "name a bad input; rerun with `equiv --debug ...` for the traceback, and report it if the input "
-            "was valid)")
+    return (f"equiv: error: {where} failed with {type(e).__name__}: {first_line(e)} (expected to finish "
+            "or to name a bad input; rerun with `equiv --debug ...` for the traceback, and report it if the "
+            "input was valid)")
 
 
 def main(argv: list[str] | None = None) -> int:

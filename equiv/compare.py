@@ -174,13 +174,22 @@ def _first_positions(mask: np.ndarray, k: int = 5) -> list[list[int]]:
     return [list(map(int, idx)) for idx in np.argwhere(mask)[:k]]
 
 
+def max_error_guard(dtype: str, budget: float, mode: str = "isolated") -> float:
+    """The mode's max-error guard (TOLERANCES: per op, or accumulated), scaled like a budget other
+    than the mode's default."""
+    acc = mode == "accumulated"
+    default = tolerance(dtype, "error_budget_accumulated" if acc else "error_budget").budget
+    guard = tolerance(dtype, "max_error_guard_accumulated" if acc else "max_error_guard").budget
+    return guard * budget / default
+
+
 def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
                 budget: float | None = None, max_budget: float | None = None) -> TapComparison:
     """Compare one tap: port and reference (in `dtype`) against the float64 oracle. `max_budget`
     (the max-error guard) defaults to the per-op guard scaled by budget / the per-op budget."""
     budget = tolerance(dtype).budget if budget is None else budget
     if max_budget is None:
-        max_budget = tolerance(dtype, "max_error_guard").budget * budget / tolerance(dtype).budget
+        max_budget = max_error_guard(dtype, budget)
     out = TapComparison(name=name, dtype=dtype, budget=budget, max_budget=max_budget)
     arrays = {"port": port, "reference": reference, "oracle": oracle}
     missing = [k for k, v in arrays.items() if v is None]

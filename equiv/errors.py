@@ -51,6 +51,13 @@ class ReportWriteError(EquivError):
     """The report directory cannot be written."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message for a one-line error: its first non-blank line, at most `limit`
+    characters, or "(no message)"."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else "(no message)"
+
+
 def format_mismatches(what: str, problems: list[str]) -> str:
     """One message listing every mismatch at once (chex-style), so a user fixes them in one go."""
     return f"{what}: " + "; ".join(problems)

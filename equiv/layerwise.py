@@ -26,7 +26,14 @@ import ml_dtypes
 import numpy as np
 
 from equiv import tested_versions
-from equiv.compare import FLOOR_ULPS, TapComparison, compare_tap, reference_implausible, tolerance
+from equiv.compare import (
+    FLOOR_ULPS,
+    TapComparison,
+    compare_tap,
+    max_error_guard,
+    reference_implausible,
+    tolerance,
+)
 from equiv.errors import EquivError
 from equiv.ports import TapUnavailable
 
@@ -189,7 +196,7 @@ def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
     reason = default.reason if budget == default.budget else (
         f"given with --budget (this mode's default is {default.budget:g}: {default.reason})")
     return {"dtype": dtype, "budget": budget, "budget_reason": reason, "mode": mode,
-            "max_error_guard": max_error_guard(mode, dtype, budget),
+            "max_error_guard": max_error_guard(dtype, budget, mode),
             "floor_ulps": FLOOR_ULPS, "matmul_precision": precision or "unknown",
             "versions": {k: v for k, v in installed.items() if v is not None},
             "untested_versions": tested_versions.untested(installed)}
@@ -199,15 +206,6 @@ def describe_inputs(ids: np.ndarray, mask: np.ndarray | None, seed: int | None) 
     ids = np.ascontiguousarray(ids, dtype="<i4")  # little-endian int32, so the hash is portable
     return {"seed": seed, "shape": list(ids.shape), "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
             "padded_positions": 0 if mask is None else int((np.asarray(mask) == 0).sum())}
-
-
-def max_error_guard(mode: str, dtype: str, budget: float) -> float:
-    """The mode's max-error guard (compare.TOLERANCES), scaled like a --budget other than the
-    mode's default."""
-    acc = mode == "accumulated"
-    default = tolerance(dtype, "error_budget_accumulated" if acc else "error_budget").budget
-    guard = tolerance(dtype, "max_error_guard_accumulated" if acc else "max_error_guard").budget
-    return guard * budget / default
 
 
 def _validate(mode: str, dtype: str, budget) -> float:
@@ -255,7 +253,7 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
     port_order += [k for k in (port_taps or {}) if k not in port_order]
 
     stage("comparing")
-    guard = max_error_guard(mode, dtype, budget)
+    guard = max_error_guard(dtype, budget, mode)
     order, port_only, reference_only = align_taps(port_order, list(ref_taps))
     one_sided = {**{t: "port" for t in port_only}, **{t: "reference" for t in reference_only}}
     taps = []

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from equiv.compare import reference_implausible, tolerance
+from equiv.compare import max_error_guard, reference_implausible, tolerance
 from equiv.layerwise import LayerwiseResult
 from equiv.layerwise import format_ratio as _layerwise_ratio
 
@@ -69,8 +69,7 @@ def max_guard(result: LayerwiseResult) -> float:
     for t in result.taps:
         if math.isfinite(t.max_budget):
             return t.max_budget
-    return (tolerance(result.dtype, "max_error_guard").budget * result.budget
-            / tolerance(result.dtype).budget)
+    return max_error_guard(result.dtype, result.budget, result.mode)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equiv.errors import CheckpointError, ConfigError, EquivError
+from equiv.errors import CheckpointError, ConfigError, EquivError, first_line
 from equiv.inputs import check_tokens
 from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult
@@ -85,10 +85,9 @@ class TransformersRunner:
                                                                   dtype=torch.float32)
         except Exception as e:  # files the port never reads (generation_config.json) or reads more
             # leniently: transformers' own exception would escape the CLI as a traceback
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else "(no message)"
             raise CheckpointError(f"{checkpoint_dir}: expected a checkpoint transformers' "
                                   f"Mamba2ForCausalLM.from_pretrained can load, it raised "
-                                  f"{type(e).__name__}: {first}") from e
+                                  f"{type(e).__name__}: {first_line(e)}") from e
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
         self.config = model.config
         if self.config.model_type != "mamba2":
