@@ -26,6 +26,7 @@ import numpy as np
 from equiv import tested_versions
 from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError, first_line
+from equiv.inputs import require_checkpoint_dir
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.ports import check_loaded_model
 from equiv.report import write_reports
@@ -215,10 +216,10 @@ def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
 
 
 def write_check_reports(outcomes: list[FixtureOutcome], ssd: dict, provenance: dict, out_dir: Path,
-                        timings: dict, allow_not_run: bool = False) -> None:
+                        timings: dict, verdict: str) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary = SCHEMA | {"verdict": overall_verdict(outcomes, ssd, allow_not_run), "ssd_duality": ssd,
+        summary = SCHEMA | {"verdict": verdict, "ssd_duality": ssd,
                             "provenance": provenance, "fixtures": [o.to_dict() for o in outcomes]}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True,
                                                          default=_json_default))
@@ -312,9 +313,7 @@ def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, go
         raise EquivError(f"--golden: expected bundled fixtures only (recordings exist for those), got "
                          f"checkpoint path(s) {[str(c) for c in checkpoints]}; run them without --golden")
     for c in checkpoints:
-        if not c.is_dir():
-            raise EquivError(f"checkpoint: expected a directory, got {str(c)!r} "
-                             f"({'a file' if c.exists() else 'no such path'})")
+        require_checkpoint_dir(c)
     names = fixture_names or ([] if checkpoints else [n for n in list_fixtures() if n != "golden"])
     targets = [(name, verify_fixture(name)) for name in names]
     taken = {name for name, _ in targets}
@@ -354,10 +353,10 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
                   "untested_versions": tested_versions.untested(installed),
                   "reference": next((o.layerwise["accumulated"].reference for o in outcomes
                                      if "accumulated" in o.layerwise), {})}
-    write_check_reports(outcomes, ssd_result, provenance, out_dir, timings, allow_not_run)
+    verdict = overall_verdict(outcomes, ssd_result, allow_not_run)
+    write_check_reports(outcomes, ssd_result, provenance, out_dir, timings, verdict)
     print(summary_table(outcomes, ssd_result))
     print(versions_line(provenance))
-    verdict = overall_verdict(outcomes, ssd_result, allow_not_run)
     print(f"\nverdict: {verdict.upper()}  ({timings['total_s']:.0f} s; reports in {out_dir}/)")
     if any(o.error for o in outcomes):
         return EXIT_INPUT  # an input could not be checked at all: a usage/input error, not a verdict

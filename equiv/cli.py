@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import CheckpointError, EquivError, first_line
+from equiv.errors import EquivError, first_line
+from equiv.inputs import require_checkpoint_dir
 
 SUBCOMMAND_MODULES = ("equiv.cli_check",)  # `equiv check` (the main job, also on any checkpoint)
 REFERENCES = ("transformers", "mamba_ssm")
@@ -209,9 +210,7 @@ def run_diff(args, progress: Progress) -> int:
     from equiv.layerwise import run_layerwise
     from equiv.report import prepare_out_dir, terminal_table, write_reports
 
-    if not args.checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint: expected a directory, got {str(args.checkpoint)!r} "
-                              f"({'a file' if args.checkpoint.exists() else 'no such path'})")
+    require_checkpoint_dir(args.checkpoint)
     if args.out is not None:
         prepare_out_dir(args.out)
     progress.stage(f"loading port {args.port} ({args.dtype})")

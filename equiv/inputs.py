@@ -1,11 +1,14 @@
-"""Validation of token inputs shared by every port: JAX clamps out-of-range gathers silently where
-torch raises, so ports check on the host before anything is traced."""
+"""Validation of inputs shared by the harness and every port: token ids (JAX clamps out-of-range
+gathers silently where torch raises, so ports check on the host before anything is traced) and the
+checkpoint directory a command is given."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from equiv.errors import ShapeError, TokenRangeError
+from equiv.errors import CheckpointError, ShapeError, TokenRangeError
 
 
 def _as_array(x, name: str) -> np.ndarray:
@@ -48,3 +51,11 @@ def check_tokens(ids, vocab_size: int, mask=None, name: str = "ids") -> tuple[np
                                   f"rows {empty[:8].tolist()}")
         mask = mask.astype(np.int32)
     return ids.astype(np.int32), mask
+
+
+def require_checkpoint_dir(path: Path) -> Path:
+    """`path` if it is a directory, else one CheckpointError line saying what it is instead."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint: expected a directory, got {str(path)!r} "
+                              f"({'a file' if path.exists() else 'no such path'})")
+    return path
