@@ -27,7 +27,7 @@ from equiv import tested_versions  # noqa: E402 - stdlib-only module (equiv/__in
 SUPPORTED = tested_versions.supported_transformers()
 
 
-def constraints(session: nox.Session, transformers: str | None = None) -> tuple[str, str]:
+def constraints(transformers: str | None = None) -> tuple[str, str]:
     """('-c', path) of a pip constraints file from equiv/tested_versions.toml: the verdict pins and
     tools, plus `transformers` (default: the newest supported) with its pinned dependencies; ""
     leaves transformers and its dependencies free (the matrix's "newest" leg)."""
@@ -40,7 +40,7 @@ def constraints(session: nox.Session, transformers: str | None = None) -> tuple[
 
 def install_project(session: nox.Session, *extras: str, transformers: str | None = None) -> None:
     spec = f".[{','.join(extras)}]" if extras else "."
-    session.install(*constraints(session, transformers), "-e", spec)
+    session.install(*constraints(transformers), "-e", spec)
 
 
 def install_mamba_ssm(session: nox.Session, transformers: str | None = None) -> None:
@@ -48,7 +48,7 @@ def install_mamba_ssm(session: nox.Session, transformers: str | None = None) -> 
     distribution: MAMBA_FORCE_BUILD skips the prebuilt-wheel download (which fails offline), and it
     must build against the torch already installed (--no-build-isolation). Without CUDA only its
     Python files are usable; equiv_reference/mamba_ssm_refs.py imports them without its __init__."""
-    c = constraints(session, transformers)
+    c = constraints(transformers)
     session.install(*c, "einops", "triton", "setuptools", "wheel", "packaging", "ninja")
     session.install(*c, "--no-build-isolation", "--no-deps", "mamba-ssm",
                     env={"MAMBA_FORCE_BUILD": "TRUE", "MAMBA_SKIP_CUDA_BUILD": "TRUE"})
@@ -102,7 +102,7 @@ def references(session: nox.Session) -> None:
     if unknown:
         session.log(f"note: {unknown} not in equiv/tested_versions.toml's supported list; running anyway")
     install_project(session, "test", "report", transformers="")
-    session.install(*constraints(session, ""), "torch", "einops")
+    session.install(*constraints(""), "torch", "einops")
     install_mamba_ssm(session, transformers="")
     out = ROOT / "references-report"
     matrix = ("python", "-m", "equiv_reference.version_matrix")
@@ -110,9 +110,9 @@ def references(session: nox.Session) -> None:
         # a clean leg: transformers and what only some releases pull in (kernels from 5.25)
         session.run("python", "-m", "pip", "uninstall", "-q", "-y", "transformers", "kernels")
         if leg == "newest":
-            session.install(*constraints(session, ""), "--upgrade", "transformers")
+            session.install(*constraints(""), "--upgrade", "transformers")
         else:
-            session.install(*constraints(session, leg), f"transformers=={leg}")
+            session.install(*constraints(leg), f"transformers=={leg}")
         session.run(*matrix, "leg", "--label", leg, "--out", str(out), success_codes=[0, 1])
     session.run(*matrix, "table", "--out", str(out), "--labels", *legs)
 
@@ -120,7 +120,7 @@ def references(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def lint(session: nox.Session) -> None:
     """ruff over the project."""
-    session.install(*constraints(session), "ruff")
+    session.install(*constraints(), "ruff")
     session.run("ruff", "check", "equiv", "equiv_reference", "tests", "noxfile.py", *session.posargs)
 
 

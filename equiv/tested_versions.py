@@ -36,22 +36,20 @@ def transformers_range() -> str:
     return versions[0] if len(versions) == 1 else f"{versions[0]} to {versions[-1]}"
 
 
-def pins(transformers: str | None = None, with_dependencies: bool = True) -> dict[str, str]:
+def pins(transformers: str | None = None) -> dict[str, str]:
     """Distribution -> exact version for pip constraints: the verdict pins, the tools, transformers
     (`transformers`, default the newest supported; "" leaves it and its dependencies free)."""
     t = tested()
     out = dict(t["pins"]) | dict(t.get("tools", {}))
     if transformers != "":
         out["transformers"] = transformers or supported_transformers()[-1]
-        if with_dependencies:
-            out |= dict(t["transformers"].get("dependencies", {}))
+        out |= dict(t["transformers"].get("dependencies", {}))
     return out
 
 
-def constraints(transformers: str | None = None, with_dependencies: bool = True) -> str:
-    """pip constraints text for `pins(...)`."""
-    pinned = pins(transformers, with_dependencies)
-    return "".join(f"{name}=={version}\n" for name, version in sorted(pinned.items()))
+def constraints(transformers: str | None = None) -> str:
+    """pip constraints text for `pins(transformers)`."""
+    return "".join(f"{name}=={version}\n" for name, version in sorted(pins(transformers).items()))
 
 
 def _installed(dist: str) -> str | None:
