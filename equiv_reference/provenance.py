@@ -28,6 +28,7 @@ No library source is edited: the swaps are restored when the `with` block ends.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.abc
 import importlib.util
 import inspect
@@ -128,18 +129,14 @@ def import_record() -> dict:
 # the torch bodies behind the dispatch wrappers
 
 
+@functools.cache  # parsed once per module object (kept by the process anyway)
 def _module_ast(mm) -> dict[str, ast.FunctionDef]:
     """Top-level `def`s of modeling_mamba2's source that carry decorators: the dispatched ones."""
-    cached = getattr(mm, "__ssm_equiv_decorated__", None)
-    if cached is not None:
-        return cached
     try:
         tree = ast.parse(inspect.getsource(mm), filename=mm.__file__)
     except (OSError, TypeError, SyntaxError) as e:
         raise reference_changed(f"cannot read the source of {MODULE} ({e})") from None
-    out = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.decorator_list}
-    mm.__ssm_equiv_decorated__ = out  # parsed once per process
-    return out
+    return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.decorator_list}
 
 
 def dispatched_names(mm) -> list[str]:
@@ -159,39 +156,31 @@ def _is_the_def(fn, node: ast.FunctionDef, mm) -> bool:
             and code.co_filename == mm.__file__ and code.co_firstlineno in (node.lineno, first))
 
 
+@functools.cache  # one lookup per (module, function): every runner shares the bodies
 def torch_body(mm, name: str):
     """(the undecorated torch function `modeling_mamba2.<name>`, how it was found)."""
-    bodies = getattr(mm, "__ssm_equiv_bodies__", None)
-    if bodies is None:
-        bodies = mm.__ssm_equiv_bodies__ = {}
-    if name in bodies:
-        return bodies[name]
     node = _module_ast(mm).get(name)
     if node is None:
         raise reference_changed(f"{MODULE}.{name} is not a decorated function of its source")
-    found = None
     try:
         unwrapped = inspect.unwrap(getattr(mm, name))
     except (AttributeError, ValueError):  # no such attribute, or a __wrapped__ cycle
         unwrapped = None
     if unwrapped is not None and _is_the_def(unwrapped, node, mm):
-        found = (unwrapped, "__wrapped__ (functools.wraps)")
-    else:
-        bare = ast.FunctionDef(**{f: getattr(node, f) for f in node._fields if f != "decorator_list"},
-                               decorator_list=[])
-        ast.copy_location(bare, node)
-        namespace: dict = {}
-        try:  # module globals, so the body calls the module's (swapped) functions as the library does
-            exec(compile(ast.Module([bare], type_ignores=[]), mm.__file__, "exec"), mm.__dict__, namespace)
-        except Exception as e:  # noqa: BLE001 - any failure means the lookup no longer works
-            raise reference_changed(f"cannot rebuild the torch body of {MODULE}.{name} from its source "
-                                    f"({type(e).__name__}: {e})") from None
-        fn = namespace.get(name)
-        if not _is_the_def(fn, node, mm):
-            raise reference_changed(f"the torch body of {MODULE}.{name} rebuilt from source is not its def")
-        found = (fn, "recompiled from modeling_mamba2's source without its decorators")
-    bodies[name] = found
-    return found
+        return unwrapped, "__wrapped__ (functools.wraps)"
+    bare = ast.FunctionDef(**{f: getattr(node, f) for f in node._fields if f != "decorator_list"},
+                           decorator_list=[])
+    ast.copy_location(bare, node)
+    namespace: dict = {}
+    try:  # module globals, so the body calls the module's (swapped) functions as the library does
+        exec(compile(ast.Module([bare], type_ignores=[]), mm.__file__, "exec"), mm.__dict__, namespace)
+    except Exception as e:  # noqa: BLE001 - any failure means the lookup no longer works
+        raise reference_changed(f"cannot rebuild the torch body of {MODULE}.{name} from its source "
+                                f"({type(e).__name__}: {e})") from None
+    fn = namespace.get(name)
+    if not _is_the_def(fn, node, mm):
+        raise reference_changed(f"the torch body of {MODULE}.{name} rebuilt from source is not its def")
+    return fn, "recompiled from modeling_mamba2's source without its decorators"
 
 
 def bound_implementation(fn) -> str:
