@@ -217,7 +217,6 @@ class DispatchRecorder:
         self.bound = {name: bound_implementation(getattr(mm, name)) for name in self.names}
         self._saved: dict = {}
         self._calls_at_enter = dict(self.calls)
-        self._shims = {name: self._shim(name) for name in self.names}  # built once, swapped in per call
 
     def torch_body(self, name: str):
         """The undecorated torch function behind modeling_mamba2.<name>."""
@@ -240,7 +239,7 @@ class DispatchRecorder:
         self._calls_at_enter = dict(self.calls)
         for name in self.names:
             self._saved[name] = getattr(self.mm, name)
-            setattr(self.mm, name, self._shims[name])
+            setattr(self.mm, name, self._shim(name))
         return self
 
     def __exit__(self, *exc):
