@@ -124,16 +124,24 @@ def check_budget(name: str, port, reference, oracle_out) -> list[TapComparison]:
             assert_within_budget(f"{name}.state", port[1], reference[1], oracle_out[1])]
 
 
+def _budget_bounds(name: str, reference, oracle_arr):
+    """(RMS bound, max bound, the reference's comparison): what one correct float32 result may err
+    by against the oracle: the budget x the reference's own RMS error, and the max-error guard x
+    its max error (each floored at FLOOR_ULPS)."""
+    ref = compare_tap(name, reference, reference, oracle_arr)
+    floor_max = FLOOR_ULPS * ulp_at(float(np.abs(oracle_arr).max()), "float32")
+    return (tolerance("float32").budget * max(ref.err_ref, ref.floor),
+            tolerance("float32", "max_error_guard").budget * max(ref.max_err_ref, floor_max), ref)
+
+
 def assert_close_by_budget(name: str, a: np.ndarray, b: np.ndarray, reference, oracle_arr) -> None:
     """Two float32 results of the same mathematical quantity agree directly, by the triangle bound
     of the error budget: if each were within the budget of the oracle (the RMS criterion and the
     max-error guard of equiv.compare, relative to the float32 reference's own error on these
     inputs), they would differ by at most twice each bound. Used where only one side is
     budget-checked in the same property, so the check is not implied by the others."""
-    ref = compare_tap(name, reference, reference, oracle_arr)
-    floor_max = FLOOR_ULPS * ulp_at(float(np.abs(oracle_arr).max()), "float32")
-    tol_rms = 2 * tolerance("float32").budget * max(ref.err_ref, ref.floor)
-    tol_max = 2 * tolerance("float32", "max_error_guard").budget * max(ref.max_err_ref, floor_max)
+    bound_rms, bound_max, ref = _budget_bounds(name, reference, oracle_arr)
+    tol_rms, tol_max = 2 * bound_rms, 2 * bound_max
     diff = np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
     rms, worst = float(np.sqrt(np.mean(diff**2))), np.unravel_index(int(np.argmax(diff)), diff.shape)
     if not (rms <= tol_rms and diff.max() <= tol_max):
@@ -148,17 +156,13 @@ def assert_within_triangle_bound(name: str, value, truth, terms) -> None:
     `truth` (the oracle of the combination) is at most sum_i |w_i| x (budget x the reference's own
     error on t_i), for the RMS and, with the max-error guard, for the max, plus float32 rounding of
     the combination itself. `terms`: [(|w_i|, reference_i, oracle_i)]."""
-    budget, guard = tolerance("float32").budget, tolerance("float32", "max_error_guard").budget
-    tol_rms = tol_max = 0.0
-    for weight, reference, oracle_arr in terms:
-        ref = compare_tap(name, reference, reference, oracle_arr)
-        floor_max = FLOOR_ULPS * ulp_at(float(np.abs(oracle_arr).max()), "float32")
-        tol_rms += weight * budget * max(ref.err_ref, ref.floor)
-        tol_max += weight * guard * max(ref.max_err_ref, floor_max)
+    bounds = [(weight, *_budget_bounds(name, ref, oracle_arr)[:2]) for weight, ref, oracle_arr in terms]
     rounding = FLOOR_ULPS * ulp_at(float(np.abs(truth).max()), "float32")
+    tol_rms = sum(w * b for w, b, _ in bounds) + rounding
+    tol_max = sum(w * b for w, _, b in bounds) + rounding
     diff = np.abs(np.asarray(value, np.float64) - np.asarray(truth, np.float64))
     rms = float(np.sqrt(np.mean(diff**2)))
-    if not (rms <= tol_rms + rounding and diff.max() <= tol_max + rounding):
+    if not (rms <= tol_rms and diff.max() <= tol_max):
         worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
-        raise AssertionError(f"{name}: RMS error {rms:.3g} (bound {tol_rms + rounding:.3g}), max "
-                             f"{diff.max():.3g} at {list(map(int, worst))} (bound {tol_max + rounding:.3g})")
+        raise AssertionError(f"{name}: RMS error {rms:.3g} (bound {tol_rms:.3g}), max "
+                             f"{diff.max():.3g} at {list(map(int, worst))} (bound {tol_max:.3g})")
