@@ -28,6 +28,7 @@ import numpy as np
 
 from equiv.errors import EquivError, first_line
 from equiv.inputs import require_checkpoint_dir
+from equiv.ports import check_loaded_model
 
 SUBCOMMAND_MODULES = ("equiv.cli_check",)  # `equiv check` (the main job, also on any checkpoint)
 REFERENCES = ("transformers", "mamba_ssm")
@@ -102,12 +103,6 @@ class Progress:
 def random_ids(vocab: int, batch: int, seq_len: int, seed: int) -> np.ndarray:
     """(b, l) int32 token ids, uniform in [0, vocab), from numpy's Generator seeded with `seed`."""
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq_len)).astype(np.int32)
-
-
-def check_loaded_model(model, port_name: str) -> None:
-    from equiv.ports import check_loaded_model as check
-
-    check(model, port_name, uses=("layer-wise diff",))
 
 
 def load_port(spec: str, checkpoint: Path, dtype: str):
