@@ -284,20 +284,12 @@ def ratios_for(alt_taps: dict, ref_taps: dict, oracle_taps: dict) -> dict[str, d
 def inputs_for(path: Path, cfg: dict, seeds: int) -> list[tuple[str, np.ndarray]]:
     """('plan', the main job's layer-wise ids: equiv.check.plan_for) and `seeds` random-id inputs
     ('seed-1'..), each (2, 2 * chunk + 5) uniform over the vocabulary (seeds 1001, 1002, ...)."""
-    import inspect
-
     from equiv.check import plan_for
+    from equiv.mamba2.config_file import load_config
 
     chunk, vocab = cfg["chunk_size"], cfg["vocab_size"]
-    if "decode_lengths" in inspect.signature(plan_for).parameters:
-        # plan_for taking the loaded port's declared decode_lengths (port protocol v1): pass what the
-        # main job passes for the built-in port
-        from equiv.ports import resolve_port
-
-        lengths = resolve_port("builtin").load(path).decode_lengths
-    else:  # plan_for(fixture_path, vocab_size, chunk_size): the main job passes the port's chunk size
-        lengths = chunk
-    out = [("plan", plan_for(path, vocab, lengths).layerwise_ids)]
+    # the lengths the built-in port declares (port protocol v1), as the main job passes them
+    out = [("plan", plan_for(path, vocab, load_config(path)[0].decode_lengths).layerwise_ids)]
     for s in range(1, seeds + 1):
         rng = np.random.default_rng(1000 + s)
         out.append((f"seed-{s}", rng.integers(0, vocab, (2, 2 * chunk + 5)).astype(np.int32)))

@@ -169,8 +169,7 @@ class Mamba2JaxModel:
     def __init__(self, cfg: Mamba2Config, model, dtype: str, source: str, fmt: str, version: str):
         self.cfg, self.model, self.dtype, self.source, self.format = cfg, model, dtype, source, fmt
         self.version = version
-        self.vocab_size = cfg.vocab_size
-        self.decode_lengths = tuple(sorted({cfg.chunk_size, cfg.conv_kernel}))
+        self.vocab_size, self.decode_lengths = cfg.vocab_size, cfg.decode_lengths
         self.tap_names = ["embed"]
         for i in range(cfg.n_layers):
             self.tap_names += [f"layers.{i}.{s}" for s in ("norm", "mixer.in_proj", "mixer.conv",

@@ -119,6 +119,12 @@ class Mamba2Config:
     def in_proj_dim(self) -> int:  # z | xBC | dt
         return 2 * self.d_inner + 2 * self.n_groups * self.d_state + self.n_heads
 
+    @property
+    def decode_lengths(self) -> tuple[int, ...]:
+        """Prompt lengths where a Mamba-2 forward changes regime (port protocol v1): the SSD's chunk
+        boundary and the conv state's width."""
+        return tuple(sorted({self.chunk_size, self.conv_kernel}))
+
     @classmethod
     def tiny(cls, **overrides) -> Mamba2Config:
         """A 2-layer model small enough for unit tests."""

@@ -55,9 +55,7 @@ class Mamba2Model:
         self.cfg, self.params, self.dtype, self.source, self.format = cfg, params, dtype, source, fmt
         self.precision = precision
         self.tap_names = tap_names(cfg.n_layers)
-        self.vocab_size = cfg.vocab_size
-        # the SSD changes regime at its chunk boundary, the conv state at its width
-        self.decode_lengths = tuple(sorted({cfg.chunk_size, cfg.conv_kernel}))
+        self.vocab_size, self.decode_lengths = cfg.vocab_size, cfg.decode_lengths
 
     def info(self) -> PortInfo:
         return PortInfo(name="builtin", version=equiv.__version__, details={
