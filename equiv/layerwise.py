@@ -187,11 +187,10 @@ def find_first_divergence(taps: list[TapComparison], mode: str, dtype: str) -> F
 # the run
 
 
-def _settings(dtype: str, budget: float, mode: str, port_details: dict) -> dict:
+def _settings(dtype: str, budget: float, mode: str, port_details: dict, installed: dict) -> dict:
     precision = port_details.get("jax_default_matmul_precision")
     if precision is None and "jax" in sys.modules:
         precision = str(sys.modules["jax"].config.jax_default_matmul_precision)
-    installed = tested_versions.installed_versions()
     default = tolerance(dtype, "error_budget_accumulated" if mode == "accumulated" else "error_budget")
     reason = default.reason if budget == default.budget else (
         f"given with --budget (this mode's default is {default.budget:g}: {default.reason})")
@@ -269,7 +268,8 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
 
     counts = [t.verdict for t in taps]
     verdict = "divergent" if "fail" in counts else "equivalent" if "pass" in counts else "inconclusive"
-    untested = tested_versions.untested_note()
+    installed = tested_versions.installed_versions()  # read once: the settings and the note
+    untested = tested_versions.untested_note(installed)
     if untested:
         notes.append(untested)
     info = model.info()
@@ -280,4 +280,4 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
                       for i, t in enumerate(taps) if t.verdict == "fail"},
         verdict=verdict, inputs=describe_inputs(ids, mask, seed), port=asdict(info),
         reference=dict(reference.provenance()), oracle=dict(oracle.provenance()),
-        settings=_settings(dtype, budget, mode, info.details), notes=notes)
+        settings=_settings(dtype, budget, mode, info.details, installed), notes=notes)
