@@ -377,7 +377,8 @@ def run_ssd_properties(references: SSDReferences, examples_per_property: int = D
     corner cases), without pytest, and return a JSON-serialisable verdict:
 
         {"verdict": "pass" | "fail", "properties_run", "properties_passed", "properties_failed",
-         "examples": total examples run, "references": references.provenance(),
+         "examples": total executions (a failed property's include the shrinker's attempts),
+         "references": references.provenance(),
          "properties": [{"name", "verdict", "examples", "detail"}], "detail": one line}
 
     A property that raises anything (a failed check, an unexpected exception, a hypothesis health
