@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from equiv.errors import EquivError, FixtureIntegrityError
+from equiv.io.safetensors_io import read_safetensors, write_safetensors
 from equiv.ports import GenerateResult
-from equiv.safetensors_io import read_safetensors, write_safetensors
 
 
 class GoldenMismatch(EquivError):

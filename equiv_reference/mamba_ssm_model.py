@@ -140,7 +140,8 @@ MAMBA_SSM_EPS = 1e-5  # MambaConfig has no eps: MixerModel's norm_epsilon defaul
 
 def translate_config(checkpoint_dir: str | Path) -> tuple[dict, object]:
     """(MambaConfig kwargs, the port's Mamba2Config) for a transformers-format checkpoint."""
-    from equiv.mamba2.config import load_config, read_json_object
+    from equiv.io.json_reader import read_json_object
+    from equiv.mamba2.config import load_config
 
     path = Path(checkpoint_dir) / "config.json"
     cfg, fmt = load_config(checkpoint_dir)  # strict: types, consistency, unknown attributes
@@ -229,7 +230,7 @@ def build_model(checkpoint_dir: str | Path, dtype, device: str = "cuda"):
     stays float32, as Mamba2 creates it, whatever the dtype)."""
     import torch
 
-    from equiv.mamba2.convert import read_tensors
+    from equiv.io.checkpoint_files import read_tensors
 
     mods = load_mamba_ssm_model()
     kwargs, cfg = translate_config(checkpoint_dir)

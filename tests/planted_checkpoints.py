@@ -52,9 +52,9 @@ def numpy_forward_fp64(cfg, params, ids) -> np.ndarray:
 def write_d_hdim_checkpoint(src: Path, out: Path, seed: int = 0) -> Path:
     """A mamba_ssm-format copy of a transformers-format fixture (config with ssm_cfg.D_has_hdim) whose
     D is (h * p,): the fixture's per-head D plus per-channel noise, head-major ("(h p)")."""
+    from equiv.io.safetensors_io import read_safetensors, write_safetensors
     from equiv.mamba2.config_file import load_config
     from equiv.mamba2.convert import _PREFIX
-    from equiv.safetensors_io import read_safetensors, write_safetensors
 
     cfg, fmt = load_config(src)
     if fmt != "transformers" or not cfg.tie_embeddings:

@@ -39,8 +39,8 @@ from equiv.errors import (
     UnsupportedFeatureError,
 )
 from equiv.fixtures import fixture_dir
+from equiv.io.safetensors_io import read_safetensors, write_safetensors
 from equiv.mamba2.convert import load_checkpoint
-from equiv.safetensors_io import read_safetensors, write_safetensors
 
 BASE = "tiny-g2"
 EQUIV_DIR = Path(equiv.__file__).resolve().parent
@@ -622,8 +622,8 @@ def test_gigantic_header_shape_allocates_nothing(tmp_path):
 def test_out_of_memory_is_a_checkpoint_error(tmp_path, monkeypatch):
     """A checkpoint too big for this machine: host MemoryError while reading or converting, named
     with the bytes needed (simulated: the allocation functions raise)."""
+    import equiv.io.safetensors_io as io
     import equiv.mamba2.convert as convert
-    import equiv.safetensors_io as io
 
     def no_memory(*args, **kwargs):
         raise MemoryError

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from equiv.errors import EquivError
+from equiv.io.safetensors_io import write_safetensors
 from equiv.mamba2 import config_mamba_ssm as MS
 from equiv.mamba2 import config_transformers as HF
 from equiv.mamba2.config_file import load_config
@@ -37,7 +38,6 @@ from equiv.mamba2.config_mamba_ssm import config_from_mamba_ssm
 from equiv.mamba2.config_transformers import config_from_transformers
 from equiv.mamba2.convert import expected_shapes
 from equiv.mamba2.port import Mamba2Port
-from equiv.safetensors_io import write_safetensors
 from tests.test_bad_inputs import base_checkpoint, join_header, mamba_ssm_format, split_header
 
 N = settings.default.max_examples

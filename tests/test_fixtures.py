@@ -25,7 +25,7 @@ from equiv.fixtures import (
     scan_files,
     verify_fixture,
 )
-from equiv.safetensors_io import read_safetensors
+from equiv.io.safetensors_io import read_safetensors
 
 TINY = ["tiny-g1", "tiny-g2", "tiny-gh", "tiny-untied", "tiny-dtlimit-bias"]
 

@@ -19,8 +19,8 @@ import pytest
 
 from equiv.adapters.mamba2_jax import Mamba2JaxPort
 from equiv.errors import ConfigError
+from equiv.io.safetensors_io import write_safetensors
 from equiv.ports import REGISTRY, PortError, TapUnavailable
-from equiv.safetensors_io import write_safetensors
 
 pytestmark = [
     pytest.mark.needs_mamba2_jax,

@@ -122,7 +122,7 @@ def test_mamba_ssm_format_config_refused(tmp_path):
 def test_strict_key_mapping_loads_every_tensor(name):
     import torch
 
-    from equiv.mamba2.convert import read_tensors
+    from equiv.io.checkpoint_files import read_tensors
     from equiv_reference.mamba_ssm_model import build_model, map_state_dict
 
     path = ROOT / "fixtures" / name
@@ -151,7 +151,7 @@ def test_strict_key_mapping_loads_every_tensor(name):
 
 
 def test_unknown_and_inconsistent_keys_refused():
-    from equiv.mamba2.convert import read_tensors
+    from equiv.io.checkpoint_files import read_tensors
     from equiv_reference.mamba_ssm_model import map_state_dict
 
     ckpt = read_tensors(ROOT / "fixtures" / "tiny-g1")
@@ -166,7 +166,7 @@ def test_unknown_and_inconsistent_keys_refused():
 def test_missing_tensor_refused_by_the_strict_load(tmp_path):
     import torch
 
-    from equiv.safetensors_io import read_safetensors, write_safetensors
+    from equiv.io.safetensors_io import read_safetensors, write_safetensors
     from equiv_reference.mamba_ssm_model import build_model
 
     d = _copy_fixture(tmp_path)

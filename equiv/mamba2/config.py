@@ -14,9 +14,8 @@ import numbers
 from dataclasses import dataclass
 
 from equiv.errors import ConfigError
+from equiv.io.json_reader import MAX_SIZE, int_problem, is_real, show  # noqa: F401 - re-exported
 
-MAX_SIZE = 2**31 - 1
-"""Largest accepted size or id: XLA indexes with int32, and token ids are cast to int32."""
 FLOAT32_MAX = 3.4028234663852886e38
 FLOAT32_TINY = 1.401298464324817e-45  # the smallest float32 above 0 (a subnormal)
 
@@ -136,33 +135,11 @@ class Mamba2Config:
         return dataclasses.replace(self, **changes)
 
 
-# ---------------------------------------------------------------------------------------------
-# Value checks (shared with the config.json readers): each returns a problem string (naming the
-# key, what was expected, what came) or None.
-
-
-def show(v) -> str:
-    text = repr(v)
-    text = text if len(text) <= 60 else text[:57] + "..."
-    return f"{text} ({type(v).__name__})"
-
-
-def is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def int_problem(name: str, v, lo: int = 1, hi: int = MAX_SIZE) -> str | None:
-    # bool is an int subclass and 64.0 == 64: both are refused, a config must say what it means
-    if type(v) is not int or not lo <= v <= hi:
-        return f"{name}: expected an integer in [{lo}, {hi}], got {show(v)}"
-    return None
-
-
 # The config.json readers moved to their own modules; `from equiv.mamba2.config import load_config`
 # (and the like) keeps working, resolved lazily because those modules import this one.
 _MOVED = {"load_config": "config_file", "detect_format": "config_file",
           "config_from_transformers": "config_transformers", "config_from_mamba_ssm": "config_mamba_ssm",
-          "read_json_object": "config_json", "MAX_CONFIG_BYTES": "config_json"}
+          }
 
 
 def __getattr__(name: str):

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from equiv.errors import ConfigError
+from equiv.io.json_reader import read_json_object
 from equiv.mamba2.config import Mamba2Config, show
-from equiv.mamba2.config_json import read_json_object
 from equiv.mamba2.config_mamba_ssm import config_from_mamba_ssm
 from equiv.mamba2.config_transformers import config_from_transformers
 

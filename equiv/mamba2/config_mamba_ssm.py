@@ -7,8 +7,8 @@ one value the port implements; anything else is rejected by name.
 from __future__ import annotations
 
 from equiv.errors import ConfigError, UnsupportedFeatureError
+from equiv.io.json_reader import UNKNOWN_ATTRS, JsonReader, unknown_keys
 from equiv.mamba2.config import Mamba2Config, show
-from equiv.mamba2.config_json import UNKNOWN_ATTRS, JsonReader, unknown_keys
 
 # mamba_ssm `MambaConfig` (models/config_mamba.py) and `Mamba2.__init__` (modules/mamba2.py)
 # defaults, 2.3.2: a key missing from config.json takes these.

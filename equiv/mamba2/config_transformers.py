@@ -8,8 +8,8 @@ Anything else is rejected by name: a silently ignored attribute is a silently wr
 from __future__ import annotations
 
 from equiv.errors import ConfigError, UnsupportedFeatureError
+from equiv.io.json_reader import UNKNOWN_ATTRS, JsonReader, unknown_keys
 from equiv.mamba2.config import BOOL_FIELDS, INT_FIELDS, Mamba2Config, show
-from equiv.mamba2.config_json import UNKNOWN_ATTRS, JsonReader, unknown_keys
 
 # transformers Mamba2Config: attribute -> (our field, class default). Defaults matter: a key missing
 # from config.json takes transformers' default (n_groups defaults to 8 there, not 1).

@@ -9,8 +9,9 @@ import re
 from pathlib import Path
 
 from equiv.errors import ConfigError
-from equiv.mamba2.config import int_problem, is_real, show
 
+MAX_SIZE = 2**31 - 1
+"""Largest accepted size or id: XLA indexes with int32, and token ids are cast to int32."""
 MAX_CONFIG_BYTES = 16 * 2**20
 """A config.json larger than this is not a config (and is not read into memory)."""
 # what transformers' PreTrainedConfig accepts as a dtype (it does getattr(torch, name))
@@ -18,6 +19,28 @@ _TORCH_FLOAT_NAMES = {"float16", "bfloat16", "float32", "float64", "half", "floa
 
 UNKNOWN_ATTRS = ("expected only attributes the port maps or knows to be harmless, got unrecognised "
                  "ones that may change the numerics: ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks (for the config readers of every family): each returns a problem string (naming the
+# key, what was expected, what came) or None.
+
+
+def show(v) -> str:
+    text = repr(v)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(v).__name__})"
+
+
+def is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def int_problem(name: str, v, lo: int = 1, hi: int = MAX_SIZE) -> str | None:
+    # bool is an int subclass and 64.0 == 64: both are refused, a config must say what it means
+    if type(v) is not int or not lo <= v <= hi:
+        return f"{name}: expected an integer in [{lo}, {hi}], got {show(v)}"
+    return None
 
 
 def unknown_keys(raw: dict, known: set, prefix: str = "") -> list[str]:
