@@ -129,9 +129,10 @@ def fixtures(session: nox.Session) -> None:
     """Regenerate fixtures/ (tiny checkpoints, golden reference outputs, manifest) with fixed seeds.
     The trained checkpoint is only retrained with `-- --retrain` (about 12 minutes on 2 cores)."""
     install_project(session, "reference", "test")
-    session.run("python", "-m", "equiv_reference.make_fixtures", "--out", "fixtures")
+    session.run("python", "-m", "equiv_reference.mamba2.make_fixtures", "--out", "fixtures")
     if "--retrain" in session.posargs:
-        session.run("python", "-m", "equiv_reference.train_byte_model", "--out", "fixtures/trained-bytes")
+        session.run("python", "-m", "equiv_reference.mamba2.train_byte_model",
+                    "--out", "fixtures/trained-bytes")
     session.run("python", "-m", "equiv_reference.golden", "--out", "fixtures/golden")
     session.run("python", "-m", "equiv_reference.manifest")
 
@@ -141,11 +142,11 @@ def bench(session: nox.Session) -> None:
     """Prefill tokens/s and decode ms/token of this port against transformers and mamba2-jax 1.1.2 on
     a 130m-shaped model, one run, same machine. Prints figures; asserts nothing."""
     install_project(session, "reference", "mamba2-jax")
-    session.run("python", "-m", "equiv_reference.bench", *session.posargs)
+    session.run("python", "-m", "equiv_reference.mamba2.bench", *session.posargs)
 
 
 @nox.session(python=False, default=False)
 def gpu(session: nox.Session) -> None:
     """On a GPU machine whose Python already has CUDA torch and CUDA jax: the equivalence checks
     against mamba_ssm's Triton kernels and the GPU benchmark, in the current environment."""
-    session.run("python", "-m", "equiv_reference.gpu_run", *session.posargs)
+    session.run("python", "-m", "equiv_reference.mamba2.gpu_run", *session.posargs)

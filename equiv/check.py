@@ -1,9 +1,11 @@
 """The main job (`equiv check`, run by `nox -s equivalence`): every bundled fixture through the
-layer-wise diff (accumulated and isolated) and the greedy decode match, plus the SSD duality
-properties; one summary table, reports under one directory, a non-zero exit on any failure.
+layer-wise diff (accumulated and isolated) and the greedy decode match, plus each family's algorithm
+property suite (Mamba-2: SSD duality); one summary table, reports under one directory, a non-zero
+exit on any failure.
 
-Model-agnostic: the port comes from the registry, the reference from a loader callable (live torch
-runners, or golden recordings replayed with --golden). Inputs are a pure function of the fixture
+Model-agnostic: each checkpoint's family (equiv/families.py, from its config.json) names its port
+and its reference; the reference comes from a loader callable (live torch runners, or golden
+recordings replayed with --golden). Inputs are a pure function of the fixture
 and fixed seeds, so two runs produce the same JSON numbers (timings go to timing.json alone).
 
 Exit status: 0 equivalent; 1 a divergence; 2 an input could not be checked (or the reference
@@ -26,13 +28,14 @@ import numpy as np
 from equiv import tested_versions
 from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError, first_line
+from equiv.families import Family, family_of_checkpoint, import_attr
 from equiv.inputs import require_checkpoint_dir
 from equiv.layerwise import LayerwiseResult, run_layerwise
 from equiv.ports import check_loaded_model
 from equiv.report import write_reports
 from equiv.report_wording import coverage, coverage_phrase, summary_line
 
-SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 2}
+SCHEMA = {"schema": "ssm-equiv/equivalence", "schema_version": 3}
 EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_INPUT, EXIT_NOT_RUN = 0, 1, 2, 3
 
 
@@ -150,34 +153,24 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
     return out
 
 
-def ssd_references(golden: bool):
-    """The budget source of the SSD properties: numpy float32 counterparts and a numpy float64
-    oracle in golden mode (torch-free by definition), torch's (transformers' chunk scan, the torch
-    recurrence) in a live run."""
-    if golden:
-        from equiv.ssd_numpy import NumpySSDReferences
-
-        return NumpySSDReferences()
-    from equiv_reference.ssd_references import TorchSSDReferences
-
-    return TorchSSDReferences()
-
-
 def not_run(reason: str) -> dict:
     return {"verdict": "not run", "detail": reason}
 
 
-def run_ssd_suite(golden: bool, examples: int | None = None, progress=print) -> dict:
-    """The SSD duality property suite (equiv/ssd_properties.py) in this process."""
+def run_property_suite(fam: Family, golden: bool, examples: int | None = None, progress=print) -> dict:
+    """A family's algorithm property suite in this process, its budget from torch-free references in
+    golden mode (numpy float32 counterparts, numpy float64 oracle) and torch's in a live run; what
+    it cannot import is NOT RUN with the reason."""
+    suite = fam.properties
     try:
-        from equiv.ssd_properties import DEFAULT_EXAMPLES_PER_PROPERTY, run_ssd_properties
-
-        refs = ssd_references(golden)
-    except ImportError as e:
-        return not_run(f"cannot import what the SSD properties need ({e})")
-    n = examples or DEFAULT_EXAMPLES_PER_PROPERTY
-    progress(f"SSD duality properties ({n} examples each, budget from {refs.name})")
-    return run_ssd_properties(refs, examples_per_property=n, progress=progress)
+        run = import_attr(suite.run, f"{fam.title} property suite")
+        make_refs = import_attr(suite.torch_free_references if golden else suite.references,
+                                f"{fam.title} property references")
+        refs = make_refs()
+    except (ImportError, EquivError) as e:
+        return not_run(f"cannot import what the {suite.title} properties need ({first_line(e)})")
+    progress(f"{suite.title} properties (budget from {getattr(refs, 'name', type(refs).__name__)})")
+    return run(refs, progress=progress, **({} if examples is None else {"examples_per_property": examples}))
 
 
 def _wrapped(text: str) -> list[str]:
@@ -185,7 +178,8 @@ def _wrapped(text: str) -> list[str]:
     return textwrap.wrap(text, 100, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False)
 
 
-def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
+def summary_table(outcomes: list[FixtureOutcome], suites: dict[str, dict]) -> str:
+    """The one table: a row per checkpoint, then a row per property suite (keyed by its title)."""
     lines = [f"{'checkpoint':<20} {'pass / compared (acc, iso)':<27} {'decode matched':<13} verdict",
              "-" * 72]
     for o in outcomes:
@@ -207,25 +201,27 @@ def summary_table(outcomes: list[FixtureOutcome], ssd: dict) -> str:
         for d in o.decode:
             if d.verdict != "pass" or d.mismatches or d.reference_consistency.verdict != "pass":
                 lines += _wrapped(f"decode {d.prompt_lengths}: {d.reason}")
-    lines.append(f"{'SSD duality':<20} {'':<41} {ssd['verdict'].upper()}")
-    lines += _wrapped(ssd["detail"])
-    for p in ssd.get("properties", []):
-        if p.get("verdict") != "pass":
-            lines += _wrapped(f"{p['name']}: {p.get('detail', '')}")
+    for title, suite in suites.items():
+        lines.append(f"{title:<62} {suite['verdict'].upper()}")
+        lines += _wrapped(suite["detail"])
+        for p in suite.get("properties", []):
+            if p.get("verdict") != "pass":
+                lines += _wrapped(f"{p['name']}: {p.get('detail', '')}")
     return "\n".join(lines)
 
 
-def write_check_reports(outcomes: list[FixtureOutcome], ssd: dict, provenance: dict, out_dir: Path,
+def write_check_reports(outcomes: list[FixtureOutcome], suites: dict[str, dict], provenance: dict,
+                        out_dir: Path,
                         timings: dict, verdict: str) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        summary = SCHEMA | {"verdict": verdict, "ssd_duality": ssd,
+        summary = SCHEMA | {"verdict": verdict, "property_suites": suites,
                             "provenance": provenance, "fixtures": [o.to_dict() for o in outcomes]}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=True,
                                                          default=_json_default))
         (out_dir / "timing.json").write_text(json.dumps(timings, indent=1))
         md = ["# ssm-equiv: equivalence", "", f"**Verdict: {summary['verdict'].upper()}**", "", "```",
-              summary_table(outcomes, ssd), "```", "", versions_line(provenance), ""]
+              summary_table(outcomes, suites), "```", "", versions_line(provenance), ""]
         for o in outcomes:
             for mode, r in o.layerwise.items():
                 sub = out_dir / o.name / mode
@@ -246,12 +242,13 @@ def _json_default(x):
     return str(x)
 
 
-def overall_verdict(outcomes: list[FixtureOutcome], ssd: dict, allow_not_run: bool = False) -> str:
+def overall_verdict(outcomes: list[FixtureOutcome], suites: dict[str, dict],
+                    allow_not_run: bool = False) -> str:
     """'divergent' if anything failed; 'incomplete' if all that ran passed but a check did not run
     (unless allowed); else 'equivalent'. A check that did not run never counts as a pass."""
-    if not all(o.verdict == "pass" for o in outcomes) or ssd["verdict"] == "fail":
+    if not all(o.verdict == "pass" for o in outcomes) or any(s["verdict"] == "fail" for s in suites.values()):
         return "divergent"
-    if ssd["verdict"] != "pass" and not allow_not_run:
+    if any(s["verdict"] != "pass" for s in suites.values()) and not allow_not_run:
         return "incomplete"
     return "equivalent"
 
@@ -270,24 +267,27 @@ def versions_line(provenance: dict) -> str:
     return line
 
 
-def reference_loader(golden: bool, golden_dir: Path):
-    """(path, dtype) -> runner: live transformers runners, or their golden recordings."""
+def reference_loader(fam: Family, golden: bool, golden_dir: Path):
+    """(path, dtype) -> runner: the family's default reference live, or its golden recordings."""
     if golden:
         from equiv.golden import GoldenRunner
 
-        return lambda path, dtype: GoldenRunner(golden_dir / Path(path).name / f"transformers-{dtype}")
-    from equiv_reference.registry import load_reference
+        return lambda path, dtype: GoldenRunner(golden_dir / Path(path).name
+                                                / f"{fam.default_reference}-{dtype}")
+    from equiv.references import load_reference
 
-    return lambda path, dtype: load_reference("transformers", path, dtype)
+    return lambda path, dtype: load_reference(fam.default_reference, path, dtype, family=fam)
 
 
-def _check_one(name: str, path: str, golden: bool, port_spec: str) -> FixtureOutcome:
+def _check_one(name: str, path: str, golden: bool, port_spec: str, family_name: str) -> FixtureOutcome:
     """Worker-process entry: everything re-resolved from names (nothing unpicklable crosses)."""
+    from equiv.families import family
     from equiv.fixtures import fixtures_root
     from equiv.ports import resolve_port
 
-    load_ref = reference_loader(golden, fixtures_root() / "golden")
-    return check_fixture(name, Path(path), resolve_port(port_spec), load_ref,
+    fam = family(family_name)
+    load_ref = reference_loader(fam, golden, fixtures_root() / "golden")
+    return check_fixture(name, Path(path), resolve_port(port_spec, fam), load_ref,
                          progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
 
 
@@ -299,13 +299,15 @@ def _check_in_processes(targets, golden, port_spec, workers, progress) -> list[F
 
     progress(f"checking {len(targets)} checkpoints in {workers} processes")
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_check_one, name, str(path), golden, port_spec) for name, path in targets]
+        futures = [pool.submit(_check_one, name, str(path), golden, port_spec, fam.name)
+                   for name, path, fam in targets]
         return [f.result() for f in futures]
 
 
-def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, golden: bool):
-    """[(report name, directory)]: the named (else, with no checkpoint either, every) bundled
-    fixture, verified against its manifest, then each checkpoint directory given by path."""
+def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, golden: bool, port_spec: str):
+    """[(report name, directory, family)]: the named (else, with no checkpoint either, every bundled
+    fixture the port is registered for: all for `builtin`, its own family's for a family's named
+    port), verified against its manifest, then each checkpoint directory given by path."""
     from equiv.fixtures import list_fixtures, verify_fixture
 
     checkpoints = [Path(c) for c in checkpoints or []]
@@ -315,20 +317,22 @@ def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, go
     for c in checkpoints:
         require_checkpoint_dir(c)
     names = fixture_names or ([] if checkpoints else [n for n in list_fixtures() if n != "golden"])
-    targets = [(name, verify_fixture(name)) for name in names]
-    taken = {name for name, _ in targets}
+    targets = [(name, path, family_of_checkpoint(path)) for name in names for path in [verify_fixture(name)]]
+    if not fixture_names and port_spec != "builtin" and ":" not in port_spec:
+        targets = [t for t in targets if port_spec in t[2].ports]
+    taken = {name for name, _, _ in targets}
     for c in checkpoints:  # a report directory per checkpoint, named after it, never clobbered
         name = c.resolve().name or "checkpoint"
         while name in taken:
             name += "_"
         taken.add(name)
-        targets.append((name, c))
+        targets.append((name, c, family_of_checkpoint(c)))
     return targets
 
 
 def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = False,
-                 port_spec: str = "builtin", ssd: bool = True, progress=print, workers: int = 1,
-                 allow_not_run: bool = False, ssd_examples: int | None = None,
+                 port_spec: str = "builtin", properties: bool = True, progress=print, workers: int = 1,
+                 allow_not_run: bool = False, property_examples: int | None = None,
                  checkpoints: list[Path] | None = None) -> int:
     """Returns the exit code (module docstring). `checkpoints`: directories of any checkpoint the
     port and the reference load, checked like a fixture (layer-wise both modes, decode match)."""
@@ -336,26 +340,31 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
     from equiv.ports import resolve_port
 
     t0 = time.perf_counter()
-    targets = _targets(fixture_names, checkpoints, golden)
-    port = resolve_port(port_spec)
-    load_ref = reference_loader(golden, fixtures_root() / "golden")
+    targets = _targets(fixture_names, checkpoints, golden, port_spec)
+    families = list({fam.name: fam for _, _, fam in targets}.values())
+    ports = {fam.name: resolve_port(port_spec, fam) for fam in families}  # a bad --port fails before any work
     if workers > 1 and len(targets) > 1:
         outcomes = _check_in_processes(targets, golden, port_spec, workers, progress)
     else:
-        outcomes = [check_fixture(name, path, port, load_ref, progress) for name, path in targets]
+        outcomes = [check_fixture(name, path, ports[fam.name],
+                                  reference_loader(fam, golden, fixtures_root() / "golden"), progress)
+                    for name, path, fam in targets]
     timings = {o.name: round(o.seconds, 2) for o in outcomes}
-    t_ssd = time.perf_counter()
-    ssd_result = run_ssd_suite(golden, ssd_examples, progress) if ssd else not_run("disabled with --no-ssd")
-    timings["ssd_duality_s"] = round(time.perf_counter() - t_ssd, 2)
+    suites = {}
+    for fam in families:  # each family's suite once, whatever number of its checkpoints ran
+        t_suite = time.perf_counter()
+        suites[fam.properties.title] = (run_property_suite(fam, golden, property_examples, progress)
+                                        if properties else not_run("disabled with --no-properties"))
+        timings[f"{fam.name}_properties_s"] = round(time.perf_counter() - t_suite, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     installed = tested_versions.installed_versions()
     provenance = {"port": port_spec, "golden": golden, "versions": installed,
                   "untested_versions": tested_versions.untested(installed),
                   "reference": next((o.layerwise["accumulated"].reference for o in outcomes
                                      if "accumulated" in o.layerwise), {})}
-    verdict = overall_verdict(outcomes, ssd_result, allow_not_run)
-    write_check_reports(outcomes, ssd_result, provenance, out_dir, timings, verdict)
-    print(summary_table(outcomes, ssd_result))
+    verdict = overall_verdict(outcomes, suites, allow_not_run)
+    write_check_reports(outcomes, suites, provenance, out_dir, timings, verdict)
+    print(summary_table(outcomes, suites))
     print(versions_line(provenance))
     print(f"\nverdict: {verdict.upper()}  ({timings['total_s']:.0f} s; reports in {out_dir}/)")
     if any(o.error for o in outcomes):

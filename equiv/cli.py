@@ -1,6 +1,6 @@
 """The `equiv` command line (console script `equiv` -> `equiv.cli:main`).
 
-    equiv diff CHECKPOINT [--port NAME|module:attr] [--reference transformers|mamba_ssm|module:attr]
+    equiv diff CHECKPOINT [--port NAME|module:attr] [--reference NAME|module:attr]
                [--dtype float32|bfloat16] [--seq-len N] [--batch N] [--seed N]
                [--mode accumulated|isolated] [--budget X] [--out DIR]
 
@@ -31,7 +31,6 @@ from equiv.inputs import require_checkpoint_dir
 from equiv.ports import check_loaded_model
 
 SUBCOMMAND_MODULES = ("equiv.cli_check",)  # `equiv check` (the main job, also on any checkpoint)
-REFERENCES = ("transformers", "mamba_ssm")
 EXIT_EQUIVALENT, EXIT_DIVERGENT, EXIT_USAGE = 0, 1, 2
 
 
@@ -105,33 +104,31 @@ def random_ids(vocab: int, batch: int, seq_len: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(batch, seq_len)).astype(np.int32)
 
 
-def load_port(spec: str, checkpoint: Path, dtype: str):
+def checkpoint_family(checkpoint: Path, port: str, reference: str | None):
+    """The checkpoint's family from its config.json. An architecture no family knows is still
+    verifiable when both the port and the reference are `module:attr` plug-ins: then None."""
+    from equiv.families import UnknownFamily, family_of_checkpoint
+
+    try:
+        return family_of_checkpoint(checkpoint)
+    except UnknownFamily:
+        if ":" in port and reference is not None and ":" in reference:
+            return None
+        raise
+
+
+def load_port(spec: str, checkpoint: Path, dtype: str, family):
     from equiv.ports import resolve_port
 
-    port = resolve_port(spec)
-    if isinstance(port, type):  # a Port class passes the protocol check itself: instantiate it
-        port = port()
-    return port.load(checkpoint, dtype)
+    return resolve_port(spec, family).load(checkpoint, dtype)
 
 
-def load_reference(spec: str, checkpoint: Path, dtype: str):
-    """A registry name (equiv_reference.registry.load_reference) or `module:attr`, attr a callable
-    (checkpoint_dir, dtype) -> runner with run(ids, mask) and provenance()."""
-    if ":" in spec:
-        module_name, attr = spec.split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"reference {spec!r}: expected an importable module:attr, got {e}") from None
-        return factory(checkpoint, dtype)
-    if spec not in REFERENCES:
-        raise UsageError(f"reference: expected one of {list(REFERENCES)} or 'module:attr', got {spec!r}")
-    try:
-        from equiv_reference.registry import load_reference as load
-    except ImportError as e:
-        raise UsageError(f"reference {spec!r}: cannot import equiv_reference.registry ({e}); "
-                         f"install the extra: pip install 'ssm-equiv[reference]'") from None
-    return load(spec, checkpoint, dtype)
+def load_reference(spec: str | None, checkpoint: Path, dtype: str, family):
+    """A name the checkpoint's family lists (None: its default) or a `module:attr` plug-in
+    (equiv/references.py)."""
+    from equiv.references import load_reference as load
+
+    return load(spec, checkpoint, dtype, family=family)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,9 +185,12 @@ def register_diff(subparsers) -> None:
                               description="Compare every tap of the port with the reference (in --dtype) "
                                           "against the float64 oracle; report the first divergence.")
     p.add_argument("checkpoint", type=Path, help="checkpoint directory (config.json + weights)")
-    p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
-    p.add_argument("--reference", default="transformers",
-                   help=f"{' | '.join(REFERENCES)} | module:attr (default: transformers)")
+    p.add_argument("--port", default="builtin",
+                   help="a port the checkpoint's family lists, or module:attr (default: builtin, the "
+                        "project's own port of that family)")
+    p.add_argument("--reference", default=None,
+                   help="a reference the checkpoint's family lists (Mamba-2: transformers, mamba_ssm; "
+                        "Mamba-1: transformers), or module:attr (default: the family's first)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per sequence (default 64)")
     p.add_argument("--batch", type=_positive_int, default=2, help="sequences (default 2)")
@@ -208,13 +208,15 @@ def run_diff(args, progress: Progress) -> int:
     require_checkpoint_dir(args.checkpoint)
     if args.out is not None:
         prepare_out_dir(args.out)
-    progress.stage(f"loading port {args.port} ({args.dtype})")
-    model = load_port(args.port, args.checkpoint, args.dtype)
+    fam = checkpoint_family(args.checkpoint, args.port, args.reference)
+    progress.stage(f"loading port {args.port}{f' for {fam.title}' if fam else ''} ({args.dtype})")
+    model = load_port(args.port, args.checkpoint, args.dtype, fam)
     check_loaded_model(model, args.port)  # protocol v1: a missing member is one line, not a traceback
     ids = random_ids(int(model.vocab_size), args.batch, args.seq_len, args.seed)
-    progress.stage(f"loading reference {args.reference} ({args.dtype} and the float64 oracle)")
-    reference = load_reference(args.reference, args.checkpoint, args.dtype)
-    oracle = load_reference(args.reference, args.checkpoint, "float64")
+    progress.stage(f"loading reference {args.reference or fam.default_reference} ({args.dtype} and the "
+                   "float64 oracle)")
+    reference = load_reference(args.reference, args.checkpoint, args.dtype, fam)
+    oracle = load_reference(args.reference, args.checkpoint, "float64", fam)
     result = run_layerwise(model, reference, oracle, ids, None, mode=args.mode, dtype=args.dtype,
                            budget=args.budget, progress=progress.stage, seed=args.seed)
     progress.close()

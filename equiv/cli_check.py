@@ -1,7 +1,8 @@
 """`equiv check`: the main job (see equiv/check.py), as run by `nox -s equivalence`.
 
     equiv check [CHECKPOINT_DIR ...] [--fixture NAME ...] [--golden] [--port NAME|module:attr]
-                [--no-ssd] [--allow-not-run] [--ssd-examples N] [-n N] [--out DIR]
+                [--no-properties] [--allow-not-run] [--property-examples N] [-n N]
+                [--out DIR]
 
 With no CHECKPOINT_DIR and no --fixture: every bundled fixture. A CHECKPOINT_DIR is any checkpoint
 the port and the reference load, checked the same way (layer-wise diff in both modes, the greedy
@@ -17,7 +18,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("check", help="the main job: every fixture, layer-wise + decode + SSD duality",
+    p = subparsers.add_parser("check",
+                              help="the main job: every fixture, layer-wise + decode + property suites",
                               description=__doc__.splitlines()[0])
     p.add_argument("checkpoints", nargs="*", type=Path, metavar="CHECKPOINT_DIR",
                    help="checkpoint directories to check like a fixture (live reference only)")
@@ -26,13 +28,15 @@ def register(subparsers) -> None:
                         "every bundled fixture")
     p.add_argument("--golden", action="store_true",
                    help="replay recorded reference outputs (fixtures/golden/) instead of running torch")
-    p.add_argument("--port", default="builtin", help="registry name or module:attr (default: builtin)")
-    p.add_argument("--no-ssd", action="store_true",
-                   help="skip the SSD duality property suite (NOT RUN: exit 3 unless --allow-not-run)")
+    p.add_argument("--port", default="builtin",
+                   help="a family's port name or module:attr (default: builtin, each family's own port; a "
+                        "named port checks its family's fixtures)")
+    p.add_argument("--no-properties", action="store_true",
+                   help="skip the families' property suites (NOT RUN: exit 3 unless --allow-not-run)")
     p.add_argument("--allow-not-run", action="store_true",
                    help="a check that could not run does not fail the job (it is still reported NOT RUN)")
-    p.add_argument("--ssd-examples", type=int, default=None, metavar="N",
-                   help="hypothesis examples per SSD property (default: equiv.ssd_properties' default)")
+    p.add_argument("--property-examples", type=int, default=None, metavar="N",
+                   help="hypothesis examples per property (default: each suite's own)")
     p.add_argument("-n", "--workers", type=int, default=1, metavar="N",
                    help="check fixtures in N processes (same results, same report, any N)")
     p.add_argument("--out", default="equivalence-report",
@@ -44,6 +48,7 @@ def run_check(args, progress) -> int:
     from equiv.check import run_main_job
 
     return run_main_job(args.fixtures, Path(args.out), golden=args.golden, port_spec=args.port,
-                        ssd=not args.no_ssd, progress=progress.stage, workers=max(1, args.workers),
-                        allow_not_run=args.allow_not_run, ssd_examples=args.ssd_examples,
+                        properties=not args.no_properties, progress=progress.stage,
+                        workers=max(1, args.workers),
+                        allow_not_run=args.allow_not_run, property_examples=args.property_examples,
                         checkpoints=args.checkpoints)

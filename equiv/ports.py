@@ -14,8 +14,9 @@ padded positions are zeroed before the conv and the SSD, so a padded row equals 
 up to what the reference itself leaks; docs/porting-bugs.md #6). Outputs at padded positions are
 never compared.
 
-Ports are named in the registry (`builtin`, `mamba2-jax`) or given as `module:attr`, where attr is a
-Port instance, or a class / zero-argument callable returning one.
+Ports are named by their family (equiv/families.py: `builtin` is the family's own port, e.g.
+`mamba2-jax` an adapter) or given as `module:attr`, where attr is a Port instance, or a class /
+zero-argument callable returning one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from equiv.errors import EquivError
+from equiv.errors import EquivError, first_line
 
 
 class PortError(EquivError):
@@ -137,23 +138,47 @@ class Port(Protocol):
     def load(self, checkpoint_dir: Path, dtype: str = "float32") -> LoadedModel: ...
 
 
-REGISTRY: dict[str, str] = {
-    "builtin": "equiv.mamba2.port:Mamba2Port",
-    "mamba2-jax": "equiv.adapters.mamba2_jax:Mamba2JaxPort",
-}
+def port_names(family=None) -> list[str]:
+    """Registered port names: those of `family` (a Family), or of every family."""
+    from equiv.families import all_families
+
+    fams = [family] if family is not None else all_families()
+    return sorted({name for f in fams for name in f.ports})
 
 
-def resolve_port(spec: str) -> Port:
-    """A registry name or `module:attr` -> a Port instance. Errors name what was expected."""
-    target = REGISTRY.get(spec, spec)
+def _registered(spec: str, family):
+    """(target 'module:attr', hint) for a registered name, in `family` (or, without one, the
+    only family that has it); None when `spec` names no registered port."""
+    from equiv.families import all_families
+
+    if family is not None:
+        if spec in family.ports:
+            return family.ports[spec]
+        owners = [f.title for f in all_families() if spec in f.ports]
+        if owners:
+            raise PortError(f"port {spec!r}: expected a port for {family.title} checkpoints "
+                            f"({', '.join(sorted(family.ports))} or 'module:attr'), got one for "
+                            f"{' and '.join(owners)} checkpoints")
+        return None
+    owners = [f for f in all_families() if spec in f.ports]
+    if len(owners) > 1:
+        raise PortError(f"port {spec!r}: every family has one; expected a checkpoint to choose the family "
+                        f"({', '.join(f.name for f in owners)})")
+    return owners[0].ports[spec] if owners else None
+
+
+def resolve_port(spec: str, family=None) -> Port:
+    """A registered name (`builtin`: the family's own port) or `module:attr` -> a Port instance.
+    `family` (an equiv.families.Family) picks among same-named ports. Errors name what was expected."""
+    target = _registered(spec, family) or spec
     if ":" not in target:
-        raise PortError(f"port: expected one of {sorted(REGISTRY)} or 'module:attr', got {spec!r}")
+        raise PortError(f"port: expected one of {port_names(family)} or 'module:attr', got {spec!r}")
     module_name, attr = target.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        hint = (" (install the optional extra: pip install 'ssm-equiv[mamba2-jax]')"
-                if spec == "mamba2-jax" else "")
+        hint = (f" (install the optional extra: pip install 'ssm-equiv[{spec}]')"
+                if target != spec and spec != "builtin" else "")
         raise PortError(f"port {spec!r}: cannot import module {module_name!r}: {e}{hint}") from None
     try:
         obj = getattr(module, attr)
@@ -164,6 +189,11 @@ def resolve_port(spec: str) -> Port:
             obj = obj()
         except TypeError as e:
             raise PortError(f"port {spec!r}: {attr} must be a Port or take no arguments ({e})") from None
+        except EquivError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a factory's own failure, named, not a traceback
+            raise PortError(f"port {spec!r}: calling {attr}() raised {type(e).__name__}: "
+                            f"{first_line(e)}") from None
     port = obj
     if not isinstance(port, Port):
         raise PortError(f"port {spec!r}: expected an object with .name and .load(checkpoint_dir, dtype), "

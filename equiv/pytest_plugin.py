@@ -22,29 +22,26 @@ def pytest_configure(config):
         "checkpoint with ssm-equiv; the result is available as the `equiv_result` fixture")
 
 
-def _check(checkpoint, port="builtin", reference="transformers", dtype="float32", mode="accumulated",
+def _check(checkpoint, port="builtin", reference=None, dtype="float32", mode="accumulated",
            seq_len=32, batch=2, seed=0, expect_equivalent=True):
     import numpy as np
 
+    from equiv.families import family_of_checkpoint
     from equiv.layerwise import run_layerwise
-    from equiv.ports import resolve_port
+    from equiv.ports import check_loaded_model, resolve_port
+    from equiv.references import load_reference
     from equiv.report import terminal_table
-    from equiv_reference.registry import load_reference
 
-    model = resolve_port(port).load(checkpoint, dtype)
-    vocab = model.cfg.vocab_size if hasattr(model, "cfg") else None
-    if vocab is None:
-        import json
-        from pathlib import Path
-
-        vocab = json.loads((Path(checkpoint) / "config.json").read_text())["vocab_size"]
-    ids = np.random.default_rng(seed).integers(0, vocab, (batch, seq_len)).astype(np.int32)
-    result = run_layerwise(model, load_reference(reference, checkpoint, dtype),
-                           load_reference(reference, checkpoint, "float64"), ids, None, mode=mode,
+    fam = family_of_checkpoint(checkpoint)
+    model = resolve_port(port, fam).load(checkpoint, dtype)
+    check_loaded_model(model, port)
+    ids = np.random.default_rng(seed).integers(0, int(model.vocab_size), (batch, seq_len)).astype(np.int32)
+    result = run_layerwise(model, load_reference(reference, checkpoint, dtype, family=fam),
+                           load_reference(reference, checkpoint, "float64", family=fam), ids, None, mode=mode,
                            dtype=dtype, seed=seed)
     if expect_equivalent and result.verdict != "equivalent":
-        pytest.fail(f"ssm-equiv: {port} is not equivalent to {reference} on {checkpoint}\n"
-                    + terminal_table(result), pytrace=False)
+        pytest.fail(f"ssm-equiv: {port} is not equivalent to {reference or fam.default_reference} on "
+                    f"{checkpoint}\n" + terminal_table(result), pytrace=False)
     return result
 
 

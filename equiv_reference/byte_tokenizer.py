@@ -1,6 +1,6 @@
 """Byte-level vocabulary for the trained fixture: ids 0..255 are the UTF-8 bytes themselves, then three
 specials. No torch, no files: the vocabulary is this module, so a checkpoint's config.json only has to
-record `vocab_size` and the special ids (written there by `equiv_reference.train_byte_model`).
+record `vocab_size` and the special ids (written there by `equiv_reference.mamba2.train_byte_model`).
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
     python -m equiv_reference.golden --out fixtures/golden
 
 Runs exactly what `equiv check` runs (equiv/check.py `check_fixture`, same plan, same seeds) with
-the live transformers runners wrapped in recorders, and writes one recording per fixture and dtype:
-fixtures/golden/<fixture>/transformers-<dtype>.{safetensors,json}. `equiv check --golden` replays
-them where torch is unavailable. Deterministic: same versions, same bytes, on any x86 machine
-(torch's CPU kernels are pinned to AVX2, see `pin_cpu_kernels`); generator.json records the versions
-and the kernel set that made them.
+the live runners of each fixture's family's default reference wrapped in recorders, and writes one
+recording per fixture and dtype: fixtures/golden/<fixture>/<reference>-<dtype>.{safetensors,json}.
+`equiv check --golden` replays them where torch is unavailable. Deterministic: same versions, same
+bytes, on any x86 machine (torch's CPU kernels are pinned to AVX2, see `pin_cpu_kernels`);
+generator.json records the versions and the kernel set that made them.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ import os
 from pathlib import Path
 
 from equiv.check import check_fixture
+from equiv.families import family_of_checkpoint
 from equiv.fixtures import fixture_dir, list_fixtures
 from equiv.golden import RecordingRunner, save_recording
 from equiv.ports import resolve_port
+from equiv.references import load_reference
 from equiv_reference.provenance import versions
-from equiv_reference.registry import load_reference
 
 PINNED_CPU_CAPABILITY = "avx2"
 
@@ -49,18 +50,19 @@ def generator_record() -> dict:
 
 def record(name: str, out_dir: Path) -> None:
     path = fixture_dir(name)
+    fam = family_of_checkpoint(path)
     recorders = {}
 
     def load_ref(p, dtype):
-        recorders[dtype] = RecordingRunner(load_reference("transformers", p, dtype))
+        recorders[dtype] = RecordingRunner(load_reference(fam.default_reference, p, dtype, family=fam))
         return recorders[dtype]
 
-    outcome = check_fixture(name, path, resolve_port("builtin"), load_ref,
+    outcome = check_fixture(name, path, resolve_port("builtin", fam), load_ref,
                             progress=lambda m: print(m, flush=True))
     target = out_dir / name
     target.mkdir(parents=True, exist_ok=True)
     for dtype, rec in recorders.items():
-        save_recording(rec, target / f"transformers-{dtype}")
+        save_recording(rec, target / f"{fam.default_reference}-{dtype}")
     print(f"{name}: recorded ({outcome.verdict} at recording time)")
 
 

@@ -7,9 +7,9 @@ Every directory under the root is a fixture, including ones other scripts write 
 (fixtures/trained-bytes/, fixtures/golden/); empty directories are skipped. Per fixture the
 "generator" record says which script and seed produced it and with which python / torch /
 transformers, read from, in order:
-  1. <dir>/generator.json   (equiv_reference.make_fixtures writes one; other generators should too:
+  1. <dir>/generator.json   (equiv_reference.mamba2.make_fixtures writes one; other generators should too:
                              {"generator": "python -m ...", "seed": ..., "versions": {...}})
-  2. <dir>/training.json    (equiv_reference.train_byte_model's record)
+  2. <dir>/training.json    (equiv_reference.mamba2.train_byte_model's record)
   3. the previous manifest's record for that fixture
   4. otherwise an explicit "unknown" record.
 Output is deterministic (sorted keys, no timestamps), so an unchanged tree rewrites the same bytes.

@@ -66,7 +66,7 @@ def run_leg(label: str, out: Path, workers: int) -> dict:
     check_dir = leg_dir / "equivalence-report"
     fixtures = [a for name in LEG_FIXTURES for a in ("--fixture", name)]
     check = subprocess.run([sys.executable, "-m", "equiv.cli", "check", *fixtures, "--out", str(check_dir),
-                            "--ssd-examples", str(LEG_SSD_EXAMPLES)], text=True, capture_output=True)
+                            "--property-examples", str(LEG_SSD_EXAMPLES)], text=True, capture_output=True)
     summary_path = check_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     recorded, dispatch = dispatch_recorded(summary) if summary else (False, "no summary.json")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from equiv import ssd
 from equiv.mamba2 import model as m
+from equiv.mamba2 import ssd
 from tests.planting import Defect
 
 f32 = jnp.float32

@@ -88,7 +88,7 @@ def write_strong_decay_checkpoint(out: Path, seed: int = 2010) -> Path:
     cumulative decay over a chunk reaches the thousands (where cumsum differences cancel)."""
     import torch
 
-    from equiv_reference.make_fixtures import TinySpec, build_model
+    from equiv_reference.mamba2.make_fixtures import TinySpec, build_model
 
     spec = TinySpec(name="strong-decay", seed=seed, overrides=dict(
         hidden_size=64, state_size=32, head_dim=16, num_heads=8, num_hidden_layers=1, vocab_size=64,

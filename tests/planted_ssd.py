@@ -1,9 +1,9 @@
 """Porting bug #10 (docs/porting-bugs.md) as real ports have it, for planting: the chunked SSD
 with each chunk's decay matrix built as exp(cs[i] - cs[j]), a difference of cumulative sums over
-the whole chunk (mamba2-jax 1.1.2's `segsum`). Mathematically equal to equiv.ssd.ssd_chunked; in
+the whole chunk (mamba2-jax 1.1.2's `segsum`). Mathematically equal to equiv.mamba2.ssd.ssd_chunked; in
 float32 it cancels catastrophically once the cumulative decay inside a chunk is large and the segment short.
 
-(Replacing equiv.ssd.segsum alone no longer plants it faithfully: ssd_chunked applies segsum only
+(Replacing equiv.mamba2.ssd.segsum alone no longer plants it faithfully: ssd_chunked applies segsum only
 inside sub-blocks of 64, where the cumulative sums stay 4x smaller than over a 256 chunk.)"""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from equiv import ssd
+from equiv.mamba2 import ssd
 
 
 def segsum_cumsum_difference(a, block=16):

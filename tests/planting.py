@@ -1,6 +1,6 @@
 """The planting machinery for deliberately broken variants of the built-in port (the defects are
 in tests/planted_*_defects.py): `PlantedModel` wraps a loaded `Mamba2Model` and, for the duration of
-each of its calls, swaps functions of equiv.mamba2.model / equiv.ssd for broken ones.
+each of its calls, swaps functions of equiv.mamba2.model / equiv.mamba2.ssd for broken ones.
 
 How a variant runs: the port's own code paths (`Mamba2Model.forward`, `forward_isolated`,
 `step_logits`, `model.forward` with a cache) run un-jitted, and each sub-op they call
@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from equiv import ssd
 from equiv.mamba2 import generate as gen
 from equiv.mamba2 import model as m
 from equiv.mamba2 import port as port_module
+from equiv.mamba2 import ssd
 from equiv.mamba2.port import Mamba2Model
 
 _MODULES = (m, gen, port_module, ssd)  # every module that may hold a reference to a swapped function

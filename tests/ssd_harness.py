@@ -1,7 +1,7 @@
-"""The SSD tests' harness: the package's (equiv.ssd_harness: jitted forms, run_form, run_steps,
+"""The SSD tests' harness: the package's (equiv.mamba2.ssd_harness: jitted forms, run_form, run_steps,
 run_readout, time_slice, check_budget, assert_close_by_budget) plus the torch references.
 
-The pytest suite sets its budget from torch (equiv_reference.ssd_references.TorchSSDReferences:
+The pytest suite sets its budget from torch (equiv_reference.mamba2.ssd_references.TorchSSDReferences:
 transformers' chunk scan and the torch recurrence), as before the properties moved into the
 package; `equiv check` uses the same properties with whichever references are available.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 
-from equiv.ssd_harness import (  # noqa: F401 - re-exported for the tests
+from equiv.mamba2.ssd_harness import (  # noqa: F401 - re-exported for the tests
     FORMS,
     JITTED,
     TIME_ARRAYS,
@@ -28,12 +28,12 @@ from equiv.ssd_harness import (  # noqa: F401 - re-exported for the tests
 
 @functools.cache
 def oracles():
-    """equiv_reference.ssd_oracles, with torch on one thread (xdist runs one worker per core, and these
+    """equiv_reference.mamba2.ssd_oracles, with torch on one thread (xdist runs one worker per core, and these
     tensors are too small for intra-op threads to pay)."""
     import torch
 
     torch.set_num_threads(1)
-    from equiv_reference import ssd_oracles
+    from equiv_reference.mamba2 import ssd_oracles
 
     return ssd_oracles
 
@@ -42,7 +42,7 @@ def oracles():
 def references():
     """The torch references object the property tests run with (one torch thread, as `oracles`)."""
     oracles()
-    from equiv_reference.ssd_references import TorchSSDReferences
+    from equiv_reference.mamba2.ssd_references import TorchSSDReferences
 
     return TorchSSDReferences()
 
@@ -53,6 +53,6 @@ def oracle(kw: dict):
 
 
 def torch_reference(form: str, kw: dict, chunk_size: int | None = None):
-    """The torch float32 counterpart of an equiv.ssd form, whose own error sets the budget
+    """The torch float32 counterpart of an equiv.mamba2.ssd form, whose own error sets the budget
     (TorchSSDReferences.reference says which)."""
     return references().reference(form, kw, chunk_size)

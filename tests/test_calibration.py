@@ -1,4 +1,4 @@
-"""The null-distribution tool (equiv_reference/calibration.py): it runs, its null ratios are finite and
+"""The null-distribution tool (equiv_reference/mamba2/calibration.py): it runs, its null ratios are finite and
 positive, and a defect-sized change of one tap stands far above them (the measurement can tell a
 defect from rounding noise). tiny-g2 only, the plan's input only, one alternative: a few seconds."""
 
@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from equiv_reference import calibration as cal  # noqa: E402
+from equiv_reference.mamba2 import calibration as cal  # noqa: E402
 
 ALT = "torch-linear-kblock32"
 
@@ -46,7 +46,7 @@ def test_runs_and_every_null_ratio_is_finite_and_positive(tiny_run):
 def test_planted_relative_perturbation_stands_far_above_the_null():
     from equiv.check import plan_for
     from equiv.fixtures import fixture_dir
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     path = fixture_dir("tiny-g2")
     cfg = json.loads((path / "config.json").read_text())

@@ -34,7 +34,7 @@ def _checkpoint(tmp_path, generation_config):
 
 @pytest.mark.parametrize("name", BAD_GENERATION_CONFIGS)
 def test_runner_turns_from_pretrained_failure_into_one_line_checkpoint_error(tmp_path, name):
-    from equiv_reference.transformers_runner import TransformersRunner
+    from equiv_reference.mamba2.transformers_runner import TransformersRunner
 
     generation_config, underlying = BAD_GENERATION_CONFIGS[name]
     ckpt = _checkpoint(tmp_path, generation_config)

@@ -12,7 +12,8 @@ FIXTURES = ["tiny-g1", "tiny-dtlimit-bias"]
 
 def _summary(tmp_path, name, workers):
     out = tmp_path / name
-    code = run_main_job(FIXTURES, out, golden=True, ssd=False, progress=lambda _m: None, workers=workers,
+    code = run_main_job(FIXTURES, out, golden=True, properties=False, progress=lambda _m: None,
+                        workers=workers,
                         allow_not_run=True)
     return code, (out / "summary.json").read_bytes()
 
@@ -27,25 +28,27 @@ def test_summary_json_is_identical_across_runs_and_worker_counts(tmp_path):
     data = json.loads(first)
     assert [f["fixture"] for f in data["fixtures"]] == FIXTURES
     assert all(f["verdict"] == "pass" for f in data["fixtures"])
-    assert data["verdict"] == "equivalent" and data["ssd_duality"]["verdict"] == "not run"
+    assert data["verdict"] == "equivalent" and data["property_suites"]["SSD duality"]["verdict"] == "not run"
 
 
 def test_a_check_that_did_not_run_is_never_a_pass(tmp_path):
-    """--no-ssd without --allow-not-run: every fixture passes, yet the job is INCOMPLETE, exit 3."""
-    code = run_main_job(["tiny-g1"], tmp_path, golden=True, ssd=False, progress=lambda _m: None)
+    """--no-properties without --allow-not-run: every fixture passes, yet the job is INCOMPLETE, exit 3."""
+    code = run_main_job(["tiny-g1"], tmp_path, golden=True, properties=False, progress=lambda _m: None)
     data = json.loads((tmp_path / "summary.json").read_text())
     assert code == 3 and data["verdict"] == "incomplete"
-    assert data["ssd_duality"] == {"verdict": "not run", "detail": "disabled with --no-ssd"}
+    assert data["property_suites"] == {"SSD duality": {"verdict": "not run",
+                                                       "detail": "disabled with --no-properties"}}
 
 
 def test_ssd_properties_in_the_main_job_are_reproducible(tmp_path):
     """The properties run in process, derandomized: two runs draw the same examples."""
     results = []
     for name in ("a", "b"):
-        code = run_main_job(["tiny-g1"], tmp_path / name, golden=True, ssd_examples=2,
+        code = run_main_job(["tiny-g1"], tmp_path / name, golden=True, property_examples=2,
                             progress=lambda _m: None)
         assert code == 0
-        results.append(json.loads((tmp_path / name / "summary.json").read_text())["ssd_duality"])
+        suites = json.loads((tmp_path / name / "summary.json").read_text())["property_suites"]
+        results.append(suites["SSD duality"])
     assert results[0] == results[1]
     assert results[0]["verdict"] == "pass" and results[0]["properties_run"] == 9
     assert results[0]["references"]["name"] == "numpy"  # golden mode: the torch-free budget source

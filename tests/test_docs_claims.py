@@ -43,9 +43,17 @@ def test_the_supported_range_table_is_the_tested_versions_file():
 def test_the_layout_names_every_module_and_only_existing_ones():
     layout = README[README.index("## Layout"):README.index("## Installing the references")]
     named = set(re.findall(r"([a-z_0-9]+\.py)\b", layout))
+    folders = set(re.findall(r"^\s*([a-z_0-9]+)/", layout, re.MULTILINE))
     for top in ("equiv", "equiv_reference"):
-        for path in (ROOT / top).glob("*.py"):
+        for path in (ROOT / top).rglob("*.py"):
             if path.name != "__init__.py" and not path.name.startswith(("bench", "gpu_")):
-                assert path.name in named, f"{top}/{path.name} is not in the README's layout"
+                assert path.name in named, f"{path.relative_to(ROOT)} is not in the README's layout"
+        for package in (ROOT / top).glob("*/__init__.py"):
+            folder = package.parent.name
+            assert folder in folders, f"{top}/{folder}/ is not in the README's layout"
     every = {p.name for p in ROOT.glob("equiv*/**/*.py")}
     assert named <= every, named - every
+    families = {p.parent.name for p in ROOT.glob("equiv/*/family.py")}
+    assert {"mamba1", "mamba2"} <= families
+    for fam in families:  # each family has a folder on both sides
+        assert (ROOT / "equiv_reference" / fam / "__init__.py").is_file(), fam

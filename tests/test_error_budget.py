@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from equiv import ssd
 from equiv.compare import FLOOR_ULPS, BudgetExceeded, assert_within_budget, compare_tap, ulp_at
+from equiv.mamba2 import ssd
 from tests.planted_ssd import ssd_chunked_cumsum_difference
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")
@@ -32,7 +32,7 @@ def long_strong_decay():
     import torch
 
     torch.set_num_threads(1)
-    from equiv_reference import ssd_oracles
+    from equiv_reference.mamba2 import ssd_oracles
 
     rng = np.random.default_rng(0)
     b, l, h, p, n, g = 1, 1000, 8, 32, 32, 1

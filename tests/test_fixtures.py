@@ -1,6 +1,7 @@
 """The bundled fixtures: the manifest covers and matches them, a corrupted copy is caught with the
 file named, the tiny checkpoints and the golden recordings regenerate bit-identically, and the tiny
-checkpoints are randomised the way equiv_reference/make_fixtures.py says (not transformers' default init)."""
+checkpoints are randomised the way equiv_reference/mamba2/make_fixtures.py says (not transformers'
+default init)."""
 
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ def test_manifest_takes_generator_records_from_the_fixture_directories(tmp_path)
     (tmp_path / "made" / "generator.json").write_text(json.dumps({"generator": "g", "seed": 3}))
     (tmp_path / "trained").mkdir()
     (tmp_path / "trained" / "training.json").write_text(json.dumps(
-        {"generator": "equiv_reference.train_byte_model", "train_config": {"seed": 7}, "model_config": {},
+        {"generator": "equiv_reference.mamba2.train_byte_model", "train_config": {"seed": 7},
+         "model_config": {},
          "versions": {"torch": "t", "python": "p"}}))
     (tmp_path / "legacy").mkdir()  # a record from before the rename names no generator
     (tmp_path / "legacy" / "training.json").write_text(json.dumps({"train_config": {"seed": 1}}))
@@ -117,13 +119,13 @@ def test_manifest_takes_generator_records_from_the_fixture_directories(tmp_path)
     assert fx["legacy"]["generator"]["generator"] == "reference.train_byte_model"
     assert fx["made"]["generator"]["seed"] == 3
     assert (fx["trained"]["generator"]["generator"], fx["trained"]["generator"]["seed"]) == (
-        "equiv_reference.train_byte_model", 7)
+        "equiv_reference.mamba2.train_byte_model", 7)
     assert fx["bare"]["generator"]["generator"] == "unknown"
 
 
 def test_tiny_fixtures_regenerate_bit_identically(tmp_path):
     pytest.importorskip("torch")
-    from equiv_reference import make_fixtures
+    from equiv_reference.mamba2 import make_fixtures
 
     recorded = read_manifest()["fixtures"]
     current = make_fixtures.fixture_versions()

@@ -1,4 +1,4 @@
-"""The mamba2-jax adapter (equiv/adapters/mamba2_jax.py) against the built-in port on tiny checkpoints.
+"""The mamba2-jax adapter (equiv/mamba2/mamba2_jax_adapter.py) against the built-in port on tiny checkpoints.
 
 Both ports compute the same Mamba-2 in float32 with different op orders (and mamba2-jax's
 cumsum-difference segsum, docs/porting-bugs.md #10), so they agree to float32 rounding, not bit for
@@ -17,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 
-from equiv.adapters.mamba2_jax import Mamba2JaxPort
+from equiv.mamba2.mamba2_jax_adapter import Mamba2JaxPort
 from equiv.errors import ConfigError
 from equiv.io.safetensors_io import write_safetensors
-from equiv.ports import REGISTRY, PortError, TapUnavailable
+from equiv.ports import PortError, TapUnavailable
 
 pytestmark = [
     pytest.mark.needs_mamba2_jax,
@@ -166,7 +166,9 @@ def test_info_records_the_callers_precision_without_forcing_it(tiny_pair):
 
 
 def test_registry_names_this_adapter():
-    assert REGISTRY["mamba2-jax"] == "equiv.adapters.mamba2_jax:Mamba2JaxPort"
+    from equiv.mamba2.family import FAMILY
+
+    assert FAMILY.ports["mamba2-jax"] == "equiv.mamba2.mamba2_jax_adapter:Mamba2JaxPort"
 
 
 def test_missing_package_gives_the_install_command(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
-"""The mamba_ssm MambaLMHeadModel reference (equiv_reference/mamba_ssm_model.py,
-equiv_reference/mamba_ssm_runner.py)
+"""The mamba_ssm MambaLMHeadModel reference (equiv_reference/mamba2/mamba_ssm_model.py,
+equiv_reference/mamba2/mamba_ssm_runner.py)
 on a CPU machine: config translation, strict key mapping, the one-line errors, sys.modules hygiene,
 and the whole runner through Triton's interpreter (the kernels' own source, numpy arithmetic)
-against transformers' float64 oracle. The GPU run is equiv_reference/gpu_mamba_ssm.py (docs/gpu.md)."""
+against transformers' float64 oracle. The GPU run is equiv_reference/mamba2/gpu_mamba_ssm.py (docs/gpu.md)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_translation_matches_config_json(name):
-    from equiv_reference.mamba_ssm_model import load_mamba_ssm_model, translate_config
+    from equiv_reference.mamba2.mamba_ssm_model import load_mamba_ssm_model, translate_config
 
     raw = _raw(name)
     kwargs, _ = translate_config(ROOT / "fixtures" / name)
@@ -82,7 +82,7 @@ def test_translation_matches_config_json(name):
     ({"some_new_scale": 2.0}, ConfigError, "some_new_scale"),
 ])
 def test_untranslatable_attribute_refused_by_name(tmp_path, change, error, names):
-    from equiv_reference.mamba_ssm_model import translate_config
+    from equiv_reference.mamba2.mamba_ssm_model import translate_config
 
     with pytest.raises(error) as e:
         translate_config(_copy_fixture(tmp_path, **change))
@@ -92,7 +92,7 @@ def test_untranslatable_attribute_refused_by_name(tmp_path, change, error, names
 def test_unlisted_attribute_refused_even_if_the_port_accepts_it(tmp_path, monkeypatch):
     """The runner's own allow-list: an attribute it does not list is refused by name, whatever the
     port's reader made of it."""
-    from equiv_reference import mamba_ssm_model
+    from equiv_reference.mamba2 import mamba_ssm_model
 
     mamba_ssm_model.translate_config(ROOT / "fixtures" / "tiny-g1")  # accepted as is
     monkeypatch.setattr(mamba_ssm_model, "NOT_NUMERIC", mamba_ssm_model.NOT_NUMERIC - {"initializer_range"})
@@ -102,7 +102,7 @@ def test_unlisted_attribute_refused_even_if_the_port_accepts_it(tmp_path, monkey
 
 
 def test_mamba_ssm_format_config_refused(tmp_path):
-    from equiv_reference.mamba_ssm_model import translate_config
+    from equiv_reference.mamba2.mamba_ssm_model import translate_config
 
     d = tmp_path / "ms"
     d.mkdir()
@@ -123,7 +123,7 @@ def test_strict_key_mapping_loads_every_tensor(name):
     import torch
 
     from equiv.io.checkpoint_files import read_tensors
-    from equiv_reference.mamba_ssm_model import build_model, map_state_dict
+    from equiv_reference.mamba2.mamba_ssm_model import build_model, map_state_dict
 
     path = ROOT / "fixtures" / name
     ckpt = read_tensors(path)
@@ -152,7 +152,7 @@ def test_strict_key_mapping_loads_every_tensor(name):
 
 def test_unknown_and_inconsistent_keys_refused():
     from equiv.io.checkpoint_files import read_tensors
-    from equiv_reference.mamba_ssm_model import map_state_dict
+    from equiv_reference.mamba2.mamba_ssm_model import map_state_dict
 
     ckpt = read_tensors(ROOT / "fixtures" / "tiny-g1")
     with pytest.raises(CheckpointError) as e:
@@ -167,7 +167,7 @@ def test_missing_tensor_refused_by_the_strict_load(tmp_path):
     import torch
 
     from equiv.io.safetensors_io import read_safetensors, write_safetensors
-    from equiv_reference.mamba_ssm_model import build_model
+    from equiv_reference.mamba2.mamba_ssm_model import build_model
 
     d = _copy_fixture(tmp_path)
     tensors = read_safetensors(d / "model.safetensors")
@@ -185,8 +185,8 @@ def test_missing_tensor_refused_by_the_strict_load(tmp_path):
 def test_cpu_only_machine_gets_one_line_errors(monkeypatch):
     import torch
 
-    from equiv_reference.mamba_ssm_runner import MambaSsmRunner, ReferenceError
-    from equiv_reference.registry import ReferenceUnavailable, load_reference
+    from equiv.references import ReferenceUnavailable, load_reference
+    from equiv_reference.mamba2.mamba_ssm_runner import MambaSsmRunner, ReferenceError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -206,7 +206,7 @@ def test_cpu_only_machine_gets_one_line_errors(monkeypatch):
 
 
 def test_float64_for_mamba_ssm_is_the_transformers_oracle():
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     oracle = load_reference("mamba_ssm", ROOT / "fixtures" / "tiny-g1", "float64", threads=None)
     p = oracle.provenance()
@@ -217,8 +217,8 @@ def test_float64_for_mamba_ssm_is_the_transformers_oracle():
 
 _HYGIENE = """
 import importlib, json, sys
-import equiv_reference.mamba_ssm_runner
-from equiv_reference.mamba_ssm_model import load_mamba_ssm_model, STUBBED
+import equiv_reference.mamba2.mamba_ssm_runner
+from equiv_reference.mamba2.mamba_ssm_model import load_mamba_ssm_model, STUBBED
 mods = load_mamba_ssm_model()
 left = sorted(k for k in sys.modules if k.split('.')[0] in ('mamba_ssm',) + STUBBED)
 from equiv_reference.provenance import DISPATCHED, bound_implementation, import_modeling_mamba2
@@ -244,7 +244,7 @@ def _python(code: str, **env) -> dict:
 def test_import_leaves_sys_modules_and_transformers_binding_alone():
     """A fresh process: loading MambaLMHeadModel leaves no mamba_ssm* or stub module behind, a
     real `import mamba_ssm` still fails, and transformers (imported after) binds its torch bodies."""
-    from equiv_reference import mamba_ssm_model
+    from equiv_reference.mamba2 import mamba_ssm_model
 
     def owned():  # a failed real `import mamba_ssm` elsewhere may have left entries: keep them as is
         names = ("mamba_ssm", "selective_scan_cuda")
@@ -266,8 +266,8 @@ import json, numpy as np
 from equiv.decode import match_greedy
 from equiv.layerwise import run_layerwise
 from equiv.mamba2.port import Mamba2Port
-from equiv_reference.mamba_ssm_runner import MambaSsmRunner, ReferenceError
-from equiv_reference.registry import load_oracle
+from equiv_reference.mamba2.mamba_ssm_runner import MambaSsmRunner, ReferenceError
+from equiv_reference.mamba2.references import load_oracle
 out = {}
 for name in ('tiny-g2', 'tiny-dtlimit-bias'):
     path = 'fixtures/' + name

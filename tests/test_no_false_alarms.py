@@ -41,7 +41,7 @@ class _Memo:
 
 @pytest.fixture(scope="module", params=TINY)
 def trio(request):
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     path = fixture_dir(request.param)
     return (request.param, Mamba2Port().load(path),
@@ -74,7 +74,7 @@ def test_correct_port_passes_layerwise_on_every_seed(trio, mode):
 
 
 def test_correct_port_greedy_decode_matches_on_tiny_g1():
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     path = fixture_dir("tiny-g1")
     port = Mamba2Port().load(path)

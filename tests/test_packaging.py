@@ -71,12 +71,13 @@ def test_installed_wheel_runs_the_golden_main_job_without_torch(wheel, tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()
     run = subprocess.run([str(env_dir / "bin" / "equiv"), "check", "--fixture", "tiny-g2", "--golden",
-                          "--ssd-examples", "3", "--out", "report"],
+                          "--property-examples", "3", "--out", "report"],
                          capture_output=True, text=True, cwd=work, env=clean, timeout=900)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "verdict: EQUIVALENT" in run.stdout
     summary = json.loads((work / "report" / "summary.json").read_text())
-    assert summary["ssd_duality"]["verdict"] == "pass"
-    assert summary["ssd_duality"]["properties_run"] >= 9 and summary["ssd_duality"]["examples"] > 0
+    ssd = summary["property_suites"]["SSD duality"]
+    assert ssd["verdict"] == "pass"
+    assert ssd["properties_run"] >= 9 and ssd["examples"] > 0
     assert [f["verdict"] for f in summary["fixtures"]] == ["pass"]
     assert summary["provenance"]["versions"].get("torch") is None

@@ -32,7 +32,7 @@ CHUNK = 16
 @pytest.fixture(scope="module")
 def trio():
     """name or path -> (correct port model, reference fp32, oracle fp64), loaded once per module."""
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     cache = {}
 

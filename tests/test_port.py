@@ -21,7 +21,7 @@ TINY = ["tiny-g1", "tiny-g2", "tiny-gh", "tiny-untied", "tiny-dtlimit-bias"]
 @pytest.fixture(scope="module", params=TINY)
 def trio(request):
     """(port model, reference fp32 runner, oracle fp64 runner) for one fixture."""
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     path = fixture_dir(request.param)
     return (Mamba2Port().load(path), load_reference("transformers", path, "float32"),

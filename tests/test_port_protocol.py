@@ -61,7 +61,7 @@ def test_the_main_job_runs_on_a_checkpoint_directory(tmp_path):
     ck = tmp_path / "my-checkpoint"
     shutil.copytree(fixture_dir("tiny-g1"), ck)
     (ck / "generator.json").unlink()  # not a fixture: no manifest entry, nothing extra
-    code = run_main_job(None, tmp_path / "out", checkpoints=[ck], ssd=False, allow_not_run=True,
+    code = run_main_job(None, tmp_path / "out", checkpoints=[ck], properties=False, allow_not_run=True,
                         progress=lambda _m: None)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     (fx,) = summary["fixtures"]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from equiv import ssd
 from equiv.errors import EquivError, ShapeError
+from equiv.mamba2 import ssd
 
 B_, L, H, P, N, G = 2, 6, 4, 3, 5, 2
 

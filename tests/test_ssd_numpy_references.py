@@ -1,5 +1,5 @@
-"""The numpy references (equiv/ssd_numpy.py) are a fair budget source, and the package's property
-runner (equiv.ssd_properties.run_ssd_properties) passes on equiv.ssd, fails on a planted defect,
+"""The numpy references (equiv/mamba2/ssd_numpy.py) are a fair budget source, and the package's property
+runner (equiv.mamba2.ssd_properties.run_ssd_properties) passes on equiv.mamba2.ssd, fails on a planted defect,
 and runs without torch."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from equiv import ssd_harness
-from equiv import ssd_numpy as N
 from equiv.compare import FLOOR_ULPS, ulp_at
-from equiv.ssd_properties import PROPERTIES, run_ssd_properties
-from equiv.strategies import BUCKETS, Regime, build_instance, ssd_instances
+from equiv.mamba2 import ssd_harness
+from equiv.mamba2 import ssd_numpy as N
+from equiv.mamba2.ssd_properties import PROPERTIES, run_ssd_properties
+from equiv.mamba2.ssd_strategies import BUCKETS, Regime, build_instance, ssd_instances
 from tests import ssd_harness as H
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,8 +240,8 @@ _CHILD = textwrap.dedent("""
         jax.config.update("jax_compilation_cache_dir", sys.argv[1])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_compilation_cache_max_size", 512 * 2**20)
-    from equiv.ssd_numpy import NumpySSDReferences
-    from equiv.ssd_properties import run_ssd_properties
+    from equiv.mamba2.ssd_numpy import NumpySSDReferences
+    from equiv.mamba2.ssd_properties import run_ssd_properties
 
     try:
         import torch  # noqa: F401
@@ -287,7 +287,7 @@ def test_the_main_job_reports_a_shrunk_counterexample():
     draws exactly examples_per_property), so its detail names the simplest example found."""
     from hypothesis import Phase
 
-    from equiv.ssd_properties import runner_settings
+    from equiv.mamba2.ssd_properties import runner_settings
 
     s = runner_settings(7)
     assert Phase.shrink in s.phases and s.max_examples == 7 and s.derandomize and s.database is None

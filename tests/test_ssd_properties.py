@@ -1,7 +1,7 @@
-"""Property tests of the SSD duality in equiv.ssd: chunked == scan == quadratic == step, on every
-bucket of equiv.strategies, by the error budget against the float64 oracle.
+"""Property tests of the SSD duality in equiv.mamba2.ssd: chunked == scan == quadratic == step, on every
+bucket of equiv.mamba2.ssd_strategies, by the error budget against the float64 oracle.
 
-The properties themselves live in the package (equiv/ssd_properties.py, where each says what it
+The properties themselves live in the package (equiv/mamba2/ssd_properties.py, where each says what it
 checks), so `equiv check` runs the same ones without pytest. Here they run with the torch
 references (tests/ssd_harness.py: transformers' chunk scan and the torch recurrence set the
 budget) under the hypothesis profile of tests/conftest.py (`ci`: derandomized, 30 examples each;
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from equiv import ssd_properties as P
+from equiv.mamba2 import ssd_properties as P
 from tests import ssd_harness as H
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")

@@ -15,8 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from equiv.strategies import ssd_instances
-from equiv_reference.mamba_ssm_refs import MambaSsmUnavailable, load_mamba_ssm_refs, mamba_ssm_installed
+from equiv.mamba2.ssd_strategies import ssd_instances
+from equiv_reference.mamba_ssm_refs import (
+    MambaSsmUnavailable,
+    load_mamba_ssm_refs,
+    mamba_ssm_installed,
+)
 from tests import ssd_harness as H
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:triton.*")

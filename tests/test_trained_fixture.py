@@ -1,4 +1,5 @@
-"""The trained byte-level fixture (fixtures/trained-bytes, written by `equiv_reference.train_byte_model`): it
+"""The trained byte-level fixture (fixtures/trained-bytes, written by
+`equiv_reference.mamba2.train_byte_model`): it
 loads through transformers' torch fallback, is the size the design says, and greedy-decodes today what it
 decoded when it was trained. A changed checkpoint, a changed transformers or a broken torch shows up here.
 No training: ~2 s of loading and five 64-token decodes."""
@@ -32,7 +33,7 @@ def model():
 
     # greedy_decode runs every forward under equiv_reference.provenance.DispatchRecorder: torch bodies only,
     # whichever module imported transformers' Mamba-2 first.
-    from equiv_reference.train_byte_model import import_mamba2_fallback, set_determinism
+    from equiv_reference.mamba2.train_byte_model import import_mamba2_fallback, set_determinism
 
     _, Mamba2ForCausalLM, _ = import_mamba2_fallback()
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
@@ -76,7 +77,7 @@ def test_training_reached_its_target(record):
 
 
 def test_greedy_decodes_reproduce_the_record(model, record):
-    from equiv_reference.train_byte_model import greedy_decode
+    from equiv_reference.mamba2.train_byte_model import greedy_decode
 
     assert len(record["decodes"]) >= 4
     problems = []

@@ -1,4 +1,5 @@
-"""The transformers reference runner (equiv_reference/transformers_runner.py) on the tiny fixtures: taps
+"""The transformers reference runner (equiv_reference/mamba2/transformers_runner.py) on the tiny
+fixtures: taps
 and their shapes, the derived conv tap against a hand-computed conv, float64 vs float32, the float64
 cast lift, the reference's own cache against its full forward (docs/porting-bugs.md #4, #5), left padding
 in generate, eos handling, and that the torch fallback ran even with mamba_ssm installed."""
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def runners():
     """{(fixture, dtype): runner}, built on demand and shared by the module's tests."""
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     cache = {}
 
@@ -106,7 +107,7 @@ def test_float64_and_float32_runs_agree(runners):
 def test_float64_run_is_float64_inside(runners):
     """transformers casts to float32 inside norms, the SSD, A and the logits; the oracle lifts those
     casts. Checked on the block norm (float64 RMSNorm by hand) and in provenance."""
-    from equiv_reference.transformers_runner import TransformersRunner
+    from equiv_reference.mamba2.transformers_runner import TransformersRunner
 
     ids = _ids(2, 37)
     lifted = runners("tiny-g2", "float64")
@@ -142,7 +143,7 @@ def test_reference_cached_decode_ignores_time_step_limit(runners, monkeypatch):
     shown: clamping dt in that one function makes them agree to rounding."""
     import torch.nn.functional as F
 
-    from equiv_reference.transformers_runner import TransformersRunner
+    from equiv_reference.mamba2.transformers_runner import TransformersRunner
 
     r = TransformersRunner(fixture_dir("tiny-dtlimit-bias"), "float64")
     ids = _ids(2, 2 * 16 + 3, seed=3)
@@ -230,8 +231,8 @@ def test_generate_ignores_the_checkpoints_own_eos_unless_asked(runners):
 
 
 def test_bad_inputs_raise_equiv_errors(runners, tmp_path):
-    from equiv_reference.registry import ReferenceUnavailable, load_reference
-    from equiv_reference.transformers_runner import ReferenceError, TransformersRunner
+    from equiv.references import ReferenceUnavailable, load_reference
+    from equiv_reference.mamba2.transformers_runner import ReferenceError, TransformersRunner
 
     r = runners("tiny-g2", "float32")
     with pytest.raises(TokenRangeError, match=r"\[0, 96\)"):
@@ -255,7 +256,7 @@ def test_bad_inputs_raise_equiv_errors(runners, tmp_path):
 _KERNEL_SCENARIOS = r"""
 import json, sys, types, importlib
 import numpy as np
-from equiv_reference.registry import load_reference
+from equiv.references import load_reference
 fixture, out = sys.argv[1], {}
 ids = np.arange(3, 23, dtype=np.int32)[None]
 # 1. the runner imports transformers' Mamba-2 first, with whatever mamba_ssm is installed

@@ -1,7 +1,7 @@
 """The Mamba-2 forward in pure JAX: params are a pytree of arrays (equiv/mamba2/convert.py), layers
 a Python loop over per-layer dicts (unrolled under jit: a lax.scan over stacked weights measured
 ~1.7x slower per decode step on CPU, its dynamic slices copy each layer's weights), the SSD is
-equiv.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM` (torch path) op for op, including
+equiv.mamba2.ssd.ssd_chunked. Mirrors transformers `Mamba2ForCausalLM` (torch path) op for op, including
 where it casts, so that bf16 runs are comparable too.
 
 Every function here is pure and jit-compatible; equiv/mamba2/port.py jits them and checks inputs.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from equiv.mamba2.config import Mamba2Config
-from equiv.ssd import ssd_chunked, ssd_readout, ssd_step
+from equiv.mamba2.ssd import ssd_chunked, ssd_readout, ssd_step
 
 f32 = jnp.float32
 
@@ -201,7 +201,7 @@ def mixer_last_position(cfg, lp, normed, mask, conv_state, ssm_state, chunk_size
 
     The conv and the SSD still run over every position, since the cache covers them all, but the
     gate z is projected for the last position only, and y is read out of the SSD's final state
-    (equiv.ssd.ssd_readout), so the SSD's outputs at the other positions are never computed."""
+    (equiv.mamba2.ssd.ssd_readout), so the SSD's outputs at the other positions are never computed."""
     d = cfg.d_inner
     masked = _masked(normed, mask)
     w, bias = lp["in_proj"], lp.get("in_proj_bias")

@@ -1,6 +1,6 @@
 """Tiny random transformers-format Mamba-2 checkpoints for the tests and the main job.
 
-    python -m equiv_reference.make_fixtures [--out fixtures] [--only tiny-g1,...] [--no-manifest]
+    python -m equiv_reference.mamba2.make_fixtures [--out fixtures] [--only tiny-g1,...] [--no-manifest]
 
 Each fixture is `config.json` + `model.safetensors` (`save_pretrained(safe_serialization=True)`)
 plus `generator.json` (seed, parameters, versions; copied into fixtures/manifest.json). Weights come
@@ -29,7 +29,7 @@ import torch
 
 from equiv_reference.provenance import import_modeling_mamba2
 
-GENERATOR = "equiv_reference.make_fixtures"
+GENERATOR = "equiv_reference.mamba2.make_fixtures"
 
 # Shared shape (d=64, e=128, h=8 heads of p=16, n=16, k=4). chunk_size 16 is small so that short
 # inputs cross chunk boundaries (the inter-chunk recurrence runs).

@@ -3,7 +3,7 @@
 Three steps, each checked:
 
 1. import: `load_mamba_ssm_model()` imports `mamba_ssm.models.mixer_seq_simple` without running
-   `mamba_ssm/__init__.py` (a bare package object, as equiv_reference/mamba_ssm_refs.py does). That module
+   `mamba_ssm/__init__.py` (a bare package object, as mamba_ssm_refs.py does). That module
    imports `mamba_ssm.modules.mamba_simple` (Mamba-1), which imports the compiled
    `selective_scan_cuda` at module level; where that extension is not built, a stub module (named
    `selective_scan_cuda`, every attribute access raising) stands in for the import only. Mamba-2
@@ -61,11 +61,12 @@ def _stub(name: str) -> types.ModuleType:
     """A module that imports but refuses every use, saying why. AttributeError, so that hasattr()
     probes (inspect.getmodule walks sys.modules asking for __file__) see a plain missing attribute."""
     mod = types.ModuleType(name)
-    mod.__doc__ = f"stub installed by equiv_reference.mamba_ssm_model: the compiled {name} is not built"
+    mod.__doc__ = (f"stub installed by equiv_reference.mamba2.mamba_ssm_model: the compiled {name} "
+                   "is not built")
 
     def __getattr__(attr):
         raise AttributeError(f"{name}.{attr}: {name} is a stub "
-                             "(equiv_reference.mamba_ssm_model); the compiled "
+                             "(equiv_reference.mamba2.mamba_ssm_model); the compiled "
                            "extension is not installed, and Mamba-2 layers never need it")
 
     mod.__getattr__ = __getattr__

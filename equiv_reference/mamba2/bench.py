@@ -1,7 +1,7 @@
 """CPU benchmark: prefill tokens/s and decode ms/token of the built-in port against transformers
 (torch fallback path) and mamba2-jax 1.1.2, on a 130m-shaped Mamba-2, in one process on one machine.
 
-    python -m equiv_reference.bench [--quick] [--json bench.json] [--wait-idle 300]
+    python -m equiv_reference.mamba2.bench [--quick] [--json bench.json] [--wait-idle 300]
 
 Method. Prefill: batch 1, L=512, a forward over the prompt returning the next-token logits and the
 cache. Decode: greedy, 32 new tokens after a 16-token prompt; ms/token = (generate time - prefill
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from equiv_reference.bench_model import (
+from equiv_reference.mamba2.bench_model import (
     BENCH_130M,
     DEFAULT_CACHE,
     PREFILL_LEN,
@@ -106,7 +106,6 @@ def _mamba2_jax_prefill_last(model, ids):
 
 def mamba2_jax_contenders(ckpt: Path, prefill_ids, prompt) -> list[Contender]:
     import mamba2_jax
-
     from equiv.adapters import mamba2_jax as adapter
 
     loaded = adapter.Mamba2JaxPort().load(ckpt)

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for the SSD layer (equiv.ssd): whole instances drawn together.
+"""Hypothesis strategies for the SSD layer (equiv.mamba2.ssd): whole instances drawn together.
 
 Shapes come from a small set of buckets so a jitted form compiles once per bucket, not once per
 example (XLA recompiles on every new shape, and on every new set of static arguments). Each bucket
@@ -8,7 +8,7 @@ Values are drawn freely: a seed for a numpy generator (fast, whole arrays at onc
 bounded scalars that steer the regime (decay strength from near zero to about -10 per step,
 input scale).
 
-Layouts are equiv.ssd's (mamba_ssm's `mamba_chunk_scan_combined`):
+Layouts are equiv.mamba2.ssd's (mamba_ssm's `mamba_chunk_scan_combined`):
 x, z (b, l, h, p)   dt (b, l, h)   A (h,)   B, C (b, l, g, n)   D (h,) or (h, p)   dt_bias (h,)
 initial_states (b, h, p, n).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
-from equiv.ssd import DEFAULT_DT_LIMIT
+from equiv.mamba2.ssd import DEFAULT_DT_LIMIT
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Regime:
 
 @dataclass(frozen=True, eq=False)
 class SSDInstance:
-    """One drawn SSD problem: numpy arrays in equiv.ssd's layouts plus the static arguments."""
+    """One drawn SSD problem: numpy arrays in equiv.mamba2.ssd's layouts plus the static arguments."""
 
     bucket: Bucket
     regime: Regime
@@ -119,7 +119,7 @@ class SSDInstance:
         return self.bucket.structure
 
     def arrays(self) -> dict[str, np.ndarray | None]:
-        """The array arguments by equiv.ssd keyword (None where absent)."""
+        """The array arguments by equiv.mamba2.ssd keyword (None where absent)."""
         return {k: getattr(self, k) for k in
                 ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")}
 

@@ -17,7 +17,7 @@ So when torch is absent these numpy versions stand in for the torch references:
 - `sequential_fp32`: the recurrence above in float32 (what torch's `ssd_oracle_fp64(dtype=float32)`
   computes, and what a decode step does token by token).
 
-Keywords and layouts are equiv.ssd's (x (b, l, h, p), dt (b, l, h), A (h,), B, C (b, l, g, n),
+Keywords and layouts are equiv.mamba2.ssd's (x (b, l, h, p), dt (b, l, h), A (h,), B, C (b, l, g, n),
 D (h,) or (h, p), z like x, dt_bias (h,), initial_states (b, h, p, n)); dt is discretised as the
 kernels do: dt + dt_bias, softplus with torch's threshold 20 (identity above it), then the
 dt_limit clamp only when it is not the default (0, inf). Every function returns numpy
@@ -30,7 +30,7 @@ import numpy as np
 
 import equiv
 
-DEFAULT_DT_LIMIT = (0.0, float("inf"))  # equiv.ssd's; not imported from there, so no jax is needed
+DEFAULT_DT_LIMIT = (0.0, float("inf"))  # equiv.mamba2.ssd's; not imported from there, so no jax is needed
 
 
 def _cast(dtype, *arrays):
@@ -147,7 +147,7 @@ def _segment_sum(a):
 def chunked_fp32(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
                  dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, return_final_states=True):
     """transformers' `mamba2_chunk_scan` (its torch fallback) in numpy float32, plus the z gating
-    and a (h, p) D outside it, as equiv_reference.ssd_oracles.transformers_chunk_scan applies them.
+    and a (h, p) D outside it, as equiv_reference.mamba2.ssd_oracles.transformers_chunk_scan applies them.
 
     As there, the sequence is zero-padded to a multiple of chunk_size (even when chunk_size > l),
     dt is clamped to dt_limit always, a (h,) D skip is added inside, and each chunk's own end state
@@ -201,12 +201,12 @@ def chunked_fp32(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
 
 
 # ---------------------------------------------------------------------------------------------
-# the references object of equiv.ssd_harness (SSDReferences)
+# the references object of equiv.mamba2.ssd_harness (SSDReferences)
 
 
 class NumpySSDReferences:
     """The budget's references without torch: the float64 oracle and the float32 counterpart of
-    each equiv.ssd form (chunked -> `chunked_fp32` at the same chunk size; quadratic -> the same at
+    each equiv.mamba2.ssd form (chunked -> `chunked_fp32` at the same chunk size; quadratic -> the same at
     one chunk of the whole length, whose diagonal block is the quadratic form; scan and step ->
     `sequential_fp32`)."""
 
@@ -227,10 +227,10 @@ class NumpySSDReferences:
     def provenance(self) -> dict:
         return {
             "name": self.name,
-            "oracle": "equiv.ssd_numpy.oracle_fp64 (sequential recurrence, float64)",
-            "chunked": "equiv.ssd_numpy.chunked_fp32 (transformers' mamba2_chunk_scan algorithm, "
+            "oracle": "equiv.mamba2.ssd_numpy.oracle_fp64 (sequential recurrence, float64)",
+            "chunked": "equiv.mamba2.ssd_numpy.chunked_fp32 (transformers' mamba2_chunk_scan algorithm, "
                        "numpy float32)",
-            "sequential": "equiv.ssd_numpy.sequential_fp32 (sequential recurrence, float32)",
+            "sequential": "equiv.mamba2.ssd_numpy.sequential_fp32 (sequential recurrence, float32)",
             "numpy": np.__version__,
             "equiv": equiv.__version__,
         }

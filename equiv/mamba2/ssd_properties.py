@@ -1,16 +1,16 @@
-"""The SSD duality properties of equiv.ssd, as plain functions, and a runner that needs no pytest.
+"""The SSD duality properties of equiv.mamba2.ssd, as plain functions, and a runner that needs no pytest.
 
-Every property takes an `SSDInstance` (equiv.strategies) and an `SSDReferences` object
-(equiv.ssd_harness): the float64 oracle and the float32 counterpart of each form, whose own error
+Every property takes an `SSDInstance` (equiv.mamba2.ssd_strategies) and an `SSDReferences` object
+(equiv.mamba2.ssd_harness): the float64 oracle and the float32 counterpart of each form, whose own error
 against the oracle sets the budget (docs/architecture.md, "The error budget"): the port's error is at most
 `budget` x that reference's on the same inputs; where two port results of the same quantity are
 compared directly, they must agree within the triangle bound of that budget. Properties that hold
 exactly in floating point (causality, power-of-two homogeneity) are checked bit for bit. A
 property raises (AssertionError, equiv.compare.BudgetExceeded) when it does not hold.
 
-The references are either the torch ones (equiv_reference.ssd_references.TorchSSDReferences:
+The references are either the torch ones (equiv_reference.mamba2.ssd_references.TorchSSDReferences:
 transformers' chunk scan and the torch recurrence, what the pytest suite uses) or the numpy ones
-(equiv.ssd_numpy.NumpySSDReferences: the same algorithms in numpy, no torch needed).
+(equiv.mamba2.ssd_numpy.NumpySSDReferences: the same algorithms in numpy, no torch needed).
 
 `run_ssd_properties` draws each property's examples with hypothesis, derandomized (the same
 examples on every run, so a verdict is reproducible), without the example database and without
@@ -28,9 +28,9 @@ import numpy as np
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from equiv import ssd_harness as H
-from equiv.ssd_harness import SSDReferences
-from equiv.strategies import BUCKETS, Regime, SSDInstance, build_instance, ssd_instances
+from equiv.mamba2 import ssd_harness as H
+from equiv.mamba2.ssd_harness import SSDReferences
+from equiv.mamba2.ssd_strategies import BUCKETS, Regime, SSDInstance, build_instance, ssd_instances
 
 # ---------------------------------------------------------------------------------------------
 # the properties
@@ -324,7 +324,7 @@ DEFAULT_EXAMPLES_PER_PROPERTY = 400
 all, 10x what the pytest `ci` profile draws. Measured on the 2-core CPU with the numpy references,
 in a fresh process without a persistent compilation cache: 31-32 s wall (three runs; XLA's compiles
 take about 13 s of it, then ~5 ms per example); 1,000 per property took 67 s. Command:
-`python -c "from equiv.ssd_numpy import NumpySSDReferences; from equiv.ssd_properties import
+`python -c "from equiv.mamba2.ssd_numpy import NumpySSDReferences; from equiv.mamba2.ssd_properties import
 run_ssd_properties; print(run_ssd_properties(NumpySSDReferences())['detail'])"`."""
 
 
@@ -383,7 +383,7 @@ def run_ssd_properties(references: SSDReferences, examples_per_property: int = D
 
     A property that raises anything (a failed check, an unexpected exception, a hypothesis health
     check) is a failure with its message; the runner itself does not raise. The strict jax
-    configuration (`equiv.ssd_harness.strict_jax`) is in effect for the whole run and restored
+    configuration (`equiv.mamba2.ssd_harness.strict_jax`) is in effect for the whole run and restored
     after."""
     test_settings = runner_settings(examples_per_property)
     rows = []

@@ -1,6 +1,6 @@
-"""GPU run (`nox -s gpu`, or `python -m equiv_reference.gpu_run --out DIR`): what CI cannot do.
+"""GPU run (`nox -s gpu`, or `python -m equiv_reference.mamba2.gpu_run --out DIR`): what CI cannot do.
 
-1. SSD equivalence on the GPU: equiv.ssd.ssd_chunked (JAX, matmul precision "highest" and JAX's GPU
+1. SSD equivalence on the GPU: equiv.mamba2.ssd.ssd_chunked (JAX, matmul precision "highest" and JAX's GPU
    default, which runs float32 matmuls as TF32: docs/porting-bugs.md #11) and mamba_ssm's Triton
    `mamba_chunk_scan_combined` (when importable) against the float64 oracle, by the error budget
    with transformers' torch chunk scan (fp32, TF32 off) as the reference.
@@ -9,7 +9,7 @@
 3. Speed: prefill tokens/s (L=2048, batch 1) and decode ms/token (16-token prompt, 64 new tokens,
    greedy, whole loop on device) of the built-in port on 130m- and 2.7b-shaped random models,
    float32 and bfloat16.
-4. mamba_ssm (equiv_reference/gpu_mamba_ssm.py): the built-in port against mamba_ssm's MambaLMHeadModel
+4. mamba_ssm (equiv_reference/mamba2/gpu_mamba_ssm.py): the built-in port against mamba_ssm's MambaLMHeadModel
    (layer-wise, accumulated, float32) and greedy decode against mamba_ssm's generate, every fixture;
    also written alone to mamba-ssm-report.json.
 
@@ -56,8 +56,8 @@ def ssd_section(quick: bool) -> list[dict]:
     import torch
 
     from equiv.compare import compare_tap
-    from equiv.ssd import ssd_chunked
-    from equiv_reference import ssd_oracles
+    from equiv.mamba2.ssd import ssd_chunked
+    from equiv_reference.mamba2 import ssd_oracles
     from equiv_reference.provenance import bound_implementation, import_modeling_mamba2
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -153,7 +153,7 @@ def model_section(fixtures_root: Path) -> list[dict]:
     from equiv.fixtures import list_fixtures
     from equiv.layerwise import run_layerwise
     from equiv.mamba2.port import Mamba2Port
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     rows = []
     for name in list_fixtures():
@@ -284,7 +284,7 @@ def speed_section(quick: bool) -> list[dict]:
 
 
 def mamba_ssm_section(fixtures_root: Path, out: Path, only: list[str]) -> dict:
-    from equiv_reference.gpu_mamba_ssm import mamba_ssm_section as section
+    from equiv_reference.mamba2.gpu_mamba_ssm import mamba_ssm_section as section
 
     return section(fixtures_root, out, only=only or None)
 
@@ -312,9 +312,9 @@ def main(argv=None):
     }
     runs = {
         "ssd": lambda: ssd_section(args.quick),
-        "model": lambda: model_section(Path(__file__).resolve().parents[1] / "fixtures"),
+        "model": lambda: model_section(Path(__file__).resolve().parents[2] / "fixtures"),
         "speed": lambda: speed_section(args.quick),
-        "mamba_ssm": lambda: mamba_ssm_section(Path(__file__).resolve().parents[1] / "fixtures", out,
+        "mamba_ssm": lambda: mamba_ssm_section(Path(__file__).resolve().parents[2] / "fixtures", out,
                                                [n for n in args.fixtures.split(",") if n]),
     }
     for name in args.sections.split(","):

@@ -46,7 +46,7 @@ Optionally (repository checkout only) the planted cancellation defect of tests/p
 (segment sums as differences of cumulative sums) is measured the same way, as the signal the null
 has to stay below.
 
-    python -m equiv_reference.calibration --out docs/calibration.json [--seeds N] [--fixtures ...]
+    python -m equiv_reference.mamba2.calibration --out docs/calibration.json [--seeds N] [--fixtures ...]
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ def measure_fixture(name: str, seeds: int, alternatives, modes=MODES, defect: bo
     """Rows {mode, alternative, family, fixture, input, tap, kind, ratio, ratio_max, identical} for one
     fixture, and run details (chunk sizes, patched-linear call counts, bit-identity per alternative)."""
     from equiv.fixtures import fixture_dir, verify_fixture
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     verify_fixture(name)
     path = fixture_dir(name)
@@ -593,7 +593,7 @@ def to_json(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m equiv_reference.calibration",
+    p = argparse.ArgumentParser(prog="python -m equiv_reference.mamba2.calibration",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="where to write the JSON")
     p.add_argument("--seeds", type=int, default=4, help="random-id inputs per fixture besides the plan's")

@@ -1,7 +1,7 @@
-"""The torch side's references object for the SSD properties (equiv.ssd_harness.SSDReferences).
+"""The torch side's references object for the SSD properties (equiv.mamba2.ssd_harness.SSDReferences).
 
 The float64 oracle is the torch sequential recurrence (`ssd_oracle_fp64`); the float32 counterpart
-of each equiv.ssd form is the torch code it was checked against: chunked -> transformers'
+of each equiv.mamba2.ssd form is the torch code it was checked against: chunked -> transformers'
 `mamba2_chunk_scan` torch fallback at the same chunk size; quadratic -> the same at one chunk of
 the whole length (its diagonal block is the quadratic form); scan and step -> the recurrence in
 float32 (what `selective_state_update` does token by token).
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import equiv
-from equiv_reference import ssd_oracles
+from equiv_reference.mamba2 import ssd_oracles
 
 
 class TorchSSDReferences:
@@ -44,10 +44,11 @@ class TorchSSDReferences:
             chunk_scan = {"error": f"{type(exc).__name__}: {exc}"}
         return {
             "name": self.name,
-            "oracle": "equiv_reference.ssd_oracles.ssd_oracle_fp64 (sequential recurrence, torch float64)",
-            "chunked": "equiv_reference.ssd_oracles.transformers_chunk_scan (transformers' "
+            "oracle": "equiv_reference.mamba2.ssd_oracles.ssd_oracle_fp64 (sequential recurrence, "
+                      "torch float64)",
+            "chunked": "equiv_reference.mamba2.ssd_oracles.transformers_chunk_scan (transformers' "
                        "mamba2_chunk_scan, torch float32)",
-            "sequential": "equiv_reference.ssd_oracles.ssd_oracle_fp64(dtype=torch.float32)",
+            "sequential": "equiv_reference.mamba2.ssd_oracles.ssd_oracle_fp64(dtype=torch.float32)",
             "transformers_chunk_scan": chunk_scan,
             "torch": torch.__version__,
             "numpy": np.__version__,

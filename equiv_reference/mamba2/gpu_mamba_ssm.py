@@ -1,5 +1,5 @@
-"""GPU section `mamba_ssm` of equiv_reference/gpu_run.py: the built-in port against mamba_ssm's
-`MambaLMHeadModel` (equiv_reference/mamba_ssm_runner.py) on every bundled fixture, through the harness.
+"""GPU section `mamba_ssm` of equiv_reference/mamba2/gpu_run.py: the built-in port against mamba_ssm's
+`MambaLMHeadModel` (equiv_reference/mamba2/mamba_ssm_runner.py) on every bundled fixture, through the harness.
 
 - layer-wise diff, accumulated mode, float32, port at matmul precision "highest"; the oracle is the
   registry's float64 oracle for mamba_ssm (transformers' model in float64 on the CPU);
@@ -55,7 +55,7 @@ def _decode_row(d, prompt_len: int) -> dict:
 
 def cuda_graph_check(path: Path, prompt: np.ndarray, new: int) -> dict:
     """mamba_ssm generate with cg=True vs cg=False: same tokens, margins how close."""
-    from equiv_reference.mamba_ssm_runner import MambaSsmRunner
+    from equiv_reference.mamba2.mamba_ssm_runner import MambaSsmRunner
 
     plain = MambaSsmRunner(path, "float32").generate(prompt, None, new)
     graphed = MambaSsmRunner(path, "float32", cuda_graphs=True).generate(prompt, None, new)
@@ -72,7 +72,7 @@ def mamba_ssm_section(fixtures_root: Path, out: Path | None = None, new_tokens: 
     from equiv.fixtures import list_fixtures
     from equiv.layerwise import run_layerwise
     from equiv.mamba2.port import Mamba2Port
-    from equiv_reference.registry import load_reference
+    from equiv.references import load_reference
 
     torch.backends.cuda.matmul.allow_tf32 = False  # torch's defaults, stated: the reference's torch
     torch.backends.cudnn.allow_tf32 = False  # matmuls (in_proj, out_proj, lm_head) run full fp32

@@ -34,9 +34,10 @@ import numpy as np
 
 from equiv.errors import CheckpointError, ConfigError, EquivError
 from equiv.inputs import check_tokens
+from equiv.io.checkpoint_files import read_tensors
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.config_file import load_config
-from equiv.mamba2.convert import map_tensors, read_tensors
+from equiv.mamba2.convert import map_tensors
 from equiv.ports import GenerateResult, PortError, PortInfo, TapUnavailable
 
 PACKAGE = "mamba2-jax"
@@ -182,7 +183,7 @@ class Mamba2JaxModel:
 
         return PortInfo(name="mamba2-jax", version=self.version, details={
             "implementation": f"mamba2_jax {self.version} (Flax NNX {flax.__version__}), through "
-                              "equiv.adapters.mamba2_jax",
+                              "equiv.mamba2.mamba2_jax_adapter",
             "jax": jax.__version__, "backend": jax.default_backend(), "dtype": self.dtype,
             # as the caller set it: the adapter forces nothing (None = JAX's default)
             "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,

@@ -1,7 +1,7 @@
 """The mamba_ssm reference: `MambaLMHeadModel` (mamba_ssm 2.3.2.post1) on CUDA, with taps.
 
-Same interface as equiv_reference/transformers_runner.py (`run`, `step_logits`, `generate`,
-`provenance`), everything in and out numpy. The model comes from equiv_reference/mamba_ssm_model.py
+Same interface as equiv_reference/mamba2/transformers_runner.py (`run`, `step_logits`, `generate`,
+`provenance`), everything in and out numpy. The model comes from equiv_reference/mamba2/mamba_ssm_model.py
 (strict config translation and key mapping). What runs, per Mamba2 layer (`use_mem_eff_path=False`:
 the fused path needs causal_conv1d's CUDA extension, which is not installed):
 
@@ -17,9 +17,9 @@ while the runner calls the model) record which path actually ran. mamba_ssm take
 mask: a left-padded batch is refused, never computed with its pad tokens as input.
 
 float64 is not offered: the float64 oracle for a mamba_ssm comparison is transformers' model in
-float64 (the same math; equiv_reference.registry.load_oracle). device="cpu" is for tests only: it runs the
-same Triton kernel sources through Triton's interpreter (TRITON_INTERPRET=1, set before the first
-import of mamba_ssm), numpy arithmetic, no TF32.
+float64 (the same math; equiv_reference.mamba2.references.load_oracle). device="cpu" is for tests
+only: it runs the same Triton kernel sources through Triton's interpreter (TRITON_INTERPRET=1, set
+before the first import of mamba_ssm), numpy arithmetic, no TF32.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from equiv.inputs import check_tokens
 from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult
 from equiv_reference import provenance as prov
-from equiv_reference.mamba_ssm_model import build_model, config_for_json, load_mamba_ssm_model
+from equiv_reference.mamba2.mamba_ssm_model import build_model, config_for_json, load_mamba_ssm_model
 from equiv_reference.torch_taps import tap_modules, to_numpy
 
 # canonical tap -> (module of MambaLMHeadModel, what is captured): output | input0 | derived
@@ -108,7 +108,8 @@ class MambaSsmRunner:
                  cuda_graphs: bool = False):
         if dtype not in DTYPES:
             raise ReferenceError(f"dtype: expected one of {sorted(DTYPES)} for mamba_ssm (its float64 "
-                                 "oracle is transformers in float64: equiv_reference.registry.load_oracle), "
+                                 "oracle is transformers in float64: "
+                                 "equiv_reference.mamba2.references.load_oracle), "
                                  f"got {dtype!r}")
         if device == "cpu" and not _interpreted():
             raise ReferenceError("device: expected 'cuda' (mamba_ssm's Triton kernels), got 'cpu' without "

@@ -1,6 +1,6 @@
-"""Torch references and the float64 oracle for the SSD layer, in equiv.ssd's layouts.
+"""Torch references and the float64 oracle for the SSD layer, in equiv.mamba2.ssd's layouts.
 
-Every function takes numpy arrays (or None) with the keywords of `equiv.ssd.ssd_chunked`
+Every function takes numpy arrays (or None) with the keywords of `equiv.mamba2.ssd.ssd_chunked`
 
     x (b, l, h, p)   dt (b, l, h)   A (h,)   B, C (b, l, g, n)   D (h,) or (h, p)   z like x
     dt_bias (h,)     initial_states (b, h, p, n)
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from equiv.ssd import DEFAULT_DT_LIMIT
+from equiv.mamba2.ssd import DEFAULT_DT_LIMIT
 from equiv_reference.mamba_ssm_refs import load_mamba_ssm_refs
 
 _DTYPES = (torch.float32, torch.float64)
@@ -44,7 +44,7 @@ def _check_dtype(dtype):
 
 def _discretize(dt, dt_bias, dt_softplus, dt_limit):
     """dt -> softplus(dt + dt_bias) clamped, as mamba_ssm's `_chunk_cumsum_fwd` (clamp only when
-    dt_limit is not the default) and equiv.ssd.discretize_dt."""
+    dt_limit is not the default) and equiv.mamba2.ssd.discretize_dt."""
     if dt_bias is not None:
         dt = dt + dt_bias
     if dt_softplus:

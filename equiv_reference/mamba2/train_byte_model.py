@@ -1,10 +1,10 @@
 """Train the small byte-level Mamba-2 fixture: transformers `Mamba2ForCausalLM`, torch fallback path,
 CPU, float32, on the Python standard library's own source (text every Python install ships).
 
-    python -m equiv_reference.train_byte_model --out fixtures/trained-bytes         # the fixture
-    python -m equiv_reference.train_byte_model --probe 5 --batch 16 --seq-len 256
+    python -m equiv_reference.mamba2.train_byte_model --out fixtures/trained-bytes         # the fixture
+    python -m equiv_reference.mamba2.train_byte_model --probe 5 --batch 16 --seq-len 256
         # time 5 steps, write nothing
-    python -m equiv_reference.train_byte_model --redecode fixtures/trained-bytes
+    python -m equiv_reference.mamba2.train_byte_model --redecode fixtures/trained-bytes
         # redo decodes + margins only
 
 Why trained: greedy decodes of a random-weight model are dominated by near-ties (top-1/top-2 logit
@@ -295,9 +295,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out, safe_serialization=True)
     record = {
-        "generator": "equiv_reference.train_byte_model",
+        "generator": "equiv_reference.mamba2.train_byte_model",
         "what": "byte-level Mamba-2 (transformers Mamba2ForCausalLM) trained on CPU on the Python "
-                "standard library's top-level *.py; written by `python -m equiv_reference.train_byte_model`",
+                "standard library's top-level *.py; written by "
+                "`python -m equiv_reference.mamba2.train_byte_model`",
         "train_config": asdict(cfg), "model_config": MODEL_KW, "parameters": param_count(model),
         "tokenizer": {"module": "equiv_reference.byte_tokenizer", "vocab_size": tok.VOCAB_SIZE,
                       "ids_used": tok.N_IDS_USED, "bos": tok.BOS_ID, "eos": tok.EOS_ID, "pad": tok.PAD_ID,

@@ -1,14 +1,14 @@
 """Shared machinery of the SSD properties: the jitted forms, the references protocol, the checks.
 
-Each form of equiv.ssd is jitted once here, with its configuration arguments static. jax.jit caches
+Each form of equiv.mamba2.ssd is jitted once here, with its configuration arguments static. jax.jit caches
 one executable per (shapes, dtypes, which optional arguments are None, static values, and the jax
-configuration in effect), so an `equiv.strategies` bucket compiles each form once per process
+configuration in effect), so an `equiv.mamba2.ssd_strategies` bucket compiles each form once per process
 whatever the number of examples.
 
 The checks assume the strict jax configuration of the test suite: `jax_numpy_rank_promotion`
 "raise" and `jax_default_matmul_precision` "highest" (float32 verification must not run reduced
 precision matmuls). `strict_jax()` sets both for the duration of a block; the property runner
-(equiv.ssd_properties.run_ssd_properties) uses it.
+(equiv.mamba2.ssd_properties.run_ssd_properties) uses it.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Protocol, runtime_checkable
 import jax
 import numpy as np
 
-from equiv import ssd
 from equiv.compare import FLOOR_ULPS, TapComparison, assert_within_budget, compare_tap, tolerance, ulp_at
+from equiv.mamba2 import ssd
 
 _STATIC = ("dt_softplus", "dt_limit", "return_final_states")
 JITTED = {
@@ -51,7 +51,7 @@ def strict_jax() -> Iterator[None]:
 
 @runtime_checkable
 class SSDReferences(Protocol):
-    """Where the budget comes from: the float64 oracle, and for each equiv.ssd form an independent
+    """Where the budget comes from: the float64 oracle, and for each equiv.mamba2.ssd form an independent
     float32 computation of the same quantity whose error against the oracle is the yardstick.
 
     `kw` is `SSDInstance.kwargs()` (numpy arrays, dt_softplus, dt_limit), possibly time-sliced or
@@ -76,7 +76,7 @@ class SSDReferences(Protocol):
 
 
 def run_form(form: str, kw: dict, chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(y, final_state) of one jitted equiv.ssd form, as numpy."""
+    """(y, final_state) of one jitted equiv.mamba2.ssd form, as numpy."""
     extra = {"chunk_size": chunk_size} if form == "chunked" else {}
     y, state = JITTED[form](**kw, **extra, return_final_states=True)
     return np.asarray(y), np.asarray(state)

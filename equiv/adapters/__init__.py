@@ -1,1 +1,0 @@
-"""Adapters that present third-party JAX ports through the port protocol (equiv/ports.py)."""
