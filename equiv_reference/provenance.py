@@ -1,28 +1,28 @@
-"""Which transformers Mamba-2 code actually runs, and the environment it runs in.
+"""Which transformers code actually runs, and the environment it runs in: the family-agnostic part.
 
-transformers routes five to seven of Mamba-2's functions through a kernel dispatcher, and the
-wrapper has changed shape between releases: 5.23/5.24 use `functools.wraps` wrappers from
+transformers routes some of an SSM's functions (Mamba-2: its conv and SSD; Mamba-1: its conv and
+selective scan) through a kernel dispatcher whose wrapper has changed shape between releases:
+5.23/5.24 use `functools.wraps` wrappers from
 `integrations.hub_kernels.use_kernel_func_from_hub_with_fallback`, which bind mamba_ssm /
 causal_conv1d kernels instead of the torch body when those packages import at the first import of
-`modeling_mamba2`; with the `kernels` package installed (a dependency from 5.25), each function is
-an `nn.Module` instance with no `__wrapped__`, and 5.25 adds `causal_conv1d_forward` and
-`mamba2_scan_forward` (the conv and the scan with their cache handling). On a CPU machine with
-mamba_ssm installed a bound kernel crashes the forward (docs/porting-bugs.md #12). This module controls
-it in three places:
+the modeling module; with the `kernels` package installed (a dependency from 5.25), each function
+is an `nn.Module` instance with no `__wrapped__`. On a CPU machine with mamba_ssm installed a
+bound kernel crashes the forward (docs/porting-bugs.md #12). The families control it with what is
+here:
 
-1. import: `import_modeling_mamba2()` imports the module with both kernel packages made
-   unimportable (a meta-path blocker, their `sys.modules` entries hidden for the duration);
-2. call time: `DispatchRecorder` swaps every decorated module-level function for a shim that
-   calls its undecorated torch body and counts the call, so "what actually ran" is recorded, not
-   inferred, and a kernel bound by an earlier import elsewhere is still bypassed. Which functions
-   are dispatched is read from the module's source (its decorated top-level `def`s), not from a
-   list of one release; the torch body is found by the `__wrapped__` protocol where the wrapper
-   keeps it, else recompiled from the module's own source without its decorators (same code,
-   same file and line numbers). Either way it is checked to be the `def` of that name in
-   modeling_mamba2's file. When neither works, `ReferenceChanged` says so in one line;
-3. report: `environment()` lists versions, matmul precision flags, threads and device.
+1. import: `kernel_packages_hidden()` makes both kernel packages unimportable (a meta-path
+   blocker, their `sys.modules` entries hidden) while a modeling module is first imported;
+2. call time: `dispatched_names` reads which functions are dispatched from the module's source
+   (its decorated top-level `def`s), not from a list of one release; `torch_body` finds each one's
+   torch body through the `__wrapped__` protocol where the wrapper keeps it, else recompiles it from
+   the module's own source without its decorators (same code, same file and line numbers), and
+   checks it is the `def` of that name in the module's file. When neither works,
+   `reference_changed` says so in one line. Each family's recorder (equiv_reference/mamba2/
+   dispatch.py) swaps the functions for counting shims around those bodies while the model runs;
+3. report: `versions()` and `environment()` list versions, matmul precision flags, threads and
+   device.
 
-No library source is edited: the swaps are restored when the `with` block ends.
+No library source is edited: every swap is restored when its `with` block ends.
 """
 
 from __future__ import annotations
@@ -43,22 +43,6 @@ from equiv.errors import ReferenceChanged
 
 KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
 """Packages whose importability makes transformers bind kernels instead of its torch bodies."""
-
-DISPATCHED = {  # modeling_mamba2 function -> what it computes (the provenance key)
-    "mamba2_chunk_scan": "chunk_scan",
-    "causal_conv1d_fn": "conv",
-    "causal_conv1d_update": "conv_update",
-    "mamba2_selective_state_update": "state_update",
-    "mamba2_split_conv1d_scan_combined": "fused_training_path",
-    "causal_conv1d_forward": "conv_forward",  # 5.25: the conv with its cache read/update
-    "mamba2_scan_forward": "scan_forward",  # 5.25: chunked or recurrent SSM with its cache
-}
-REQUIRED = ("mamba2_chunk_scan", "causal_conv1d_fn", "causal_conv1d_update", "mamba2_selective_state_update")
-"""Present in every supported release; the runners call or expect these."""
-
-MODULE = "transformers.models.mamba2.modeling_mamba2"
-_IMPORT_RECORD: dict = {}
-
 
 def reference_changed(what: str) -> ReferenceChanged:
     """One line: the version, what broke, the tested range and the way out."""
@@ -95,34 +79,11 @@ def kernel_packages_hidden():
         sys.modules.update(hidden)
 
 
-def _installed(package: str) -> bool:
+def package_installed(package: str) -> bool:
     try:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):  # a half-registered package object has no usable spec
         return package in sys.modules
-
-
-def import_modeling_mamba2():
-    """transformers' Mamba-2 module, imported with the kernel packages hidden if this is the first
-    import in the process. Records what the import saw (for `import_record()`)."""
-    if MODULE not in sys.modules:
-        installed = {p: _installed(p) for p in KERNEL_PACKAGES}
-        try:
-            with kernel_packages_hidden():
-                mm = importlib.import_module(MODULE)
-        except ImportError as e:
-            raise reference_changed(f"cannot import {MODULE} ({e})") from None
-        _IMPORT_RECORD.update(first_import="equiv_reference.provenance (kernel packages hidden)",
-                              kernel_packages_installed=installed)
-    else:
-        mm = sys.modules[MODULE]
-        _IMPORT_RECORD.setdefault("first_import", "elsewhere in the process, before the reference loaded")
-        _IMPORT_RECORD.setdefault("kernel_packages_installed", {p: _installed(p) for p in KERNEL_PACKAGES})
-    return mm
-
-
-def import_record() -> dict:
-    return dict(_IMPORT_RECORD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,25 +92,27 @@ def import_record() -> dict:
 
 @functools.cache  # parsed once per module object (kept by the process anyway)
 def _module_ast(mm) -> dict[str, ast.FunctionDef]:
-    """Top-level `def`s of modeling_mamba2's source that carry decorators: the dispatched ones."""
+    """Top-level `def`s of a transformers modeling module's source that carry decorators: the
+    functions its kernel dispatcher wraps."""
     try:
         tree = ast.parse(inspect.getsource(mm), filename=mm.__file__)
     except (OSError, TypeError, SyntaxError) as e:
-        raise reference_changed(f"cannot read the source of {MODULE} ({e})") from None
+        raise reference_changed(f"cannot read the source of {mm.__name__} ({e})") from None
     return {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef) and n.decorator_list}
 
 
-def dispatched_names(mm) -> list[str]:
-    """Every decorated top-level function of modeling_mamba2, in source order."""
+def dispatched_names(mm, required=()) -> list[str]:
+    """Every decorated top-level function of the module, in source order; each of `required`
+    must be among them."""
     names = list(_module_ast(mm))
-    missing = [n for n in REQUIRED if n not in names]
+    missing = [n for n in required if n not in names]
     if missing:
-        raise reference_changed(f"{MODULE} no longer defines the dispatched function(s) {missing}")
+        raise reference_changed(f"{mm.__name__} no longer defines the dispatched function(s) {missing}")
     return names
 
 
 def _is_the_def(fn, node: ast.FunctionDef, mm) -> bool:
-    """fn is the undecorated function `node` defines in modeling_mamba2's file."""
+    """fn is the undecorated function `node` defines in the module's file."""
     code = getattr(fn, "__code__", None)
     first = node.decorator_list[0].lineno if node.decorator_list else node.lineno
     return (inspect.isfunction(fn) and fn.__name__ == node.name and code is not None
@@ -158,10 +121,10 @@ def _is_the_def(fn, node: ast.FunctionDef, mm) -> bool:
 
 @functools.cache  # one lookup per (module, function): every runner shares the bodies
 def torch_body(mm, name: str):
-    """(the undecorated torch function `modeling_mamba2.<name>`, how it was found)."""
+    """(the undecorated torch function `<module>.<name>`, how it was found)."""
     node = _module_ast(mm).get(name)
     if node is None:
-        raise reference_changed(f"{MODULE}.{name} is not a decorated function of its source")
+        raise reference_changed(f"{mm.__name__}.{name} is not a decorated function of its source")
     try:
         unwrapped = inspect.unwrap(getattr(mm, name))
     except (AttributeError, ValueError):  # no such attribute, or a __wrapped__ cycle
@@ -175,12 +138,12 @@ def torch_body(mm, name: str):
     try:  # module globals, so the body calls the module's (swapped) functions as the library does
         exec(compile(ast.Module([bare], type_ignores=[]), mm.__file__, "exec"), mm.__dict__, namespace)
     except Exception as e:  # noqa: BLE001 - any failure means the lookup no longer works
-        raise reference_changed(f"cannot rebuild the torch body of {MODULE}.{name} from its source "
+        raise reference_changed(f"cannot rebuild the torch body of {mm.__name__}.{name} from its source "
                                 f"({type(e).__name__}: {e})") from None
     fn = namespace.get(name)
     if not _is_the_def(fn, node, mm):
-        raise reference_changed(f"the torch body of {MODULE}.{name} rebuilt from source is not its def")
-    return fn, "recompiled from modeling_mamba2's source without its decorators"
+        raise reference_changed(f"the torch body of {mm.__name__}.{name} rebuilt from source is not its def")
+    return fn, f"recompiled from {mm.__name__.rsplit('.', 1)[-1]}'s source without its decorators"
 
 
 def bound_implementation(fn) -> str:
@@ -203,75 +166,6 @@ def bound_implementation(fn) -> str:
         return "torch fallback"
     impl = closure.get("implementation")
     return f"kernel {getattr(impl, '__module__', '?')}.{getattr(impl, '__qualname__', '?')}"
-
-
-class DispatchRecorder:
-    """Context manager: while active, each dispatched modeling_mamba2 function runs its torch body
-    and is counted. `record()` -> {chunk_scan: {...}, conv: {...}, ...} for the provenance."""
-
-    def __init__(self, mm):
-        self.mm = mm
-        self.names = dispatched_names(mm)
-        self.bodies = {name: torch_body(mm, name) for name in self.names}
-        self.calls = dict.fromkeys(self.names, 0)
-        self.bound = {name: bound_implementation(getattr(mm, name)) for name in self.names}
-        self._saved: dict = {}
-        self._calls_at_enter = dict(self.calls)
-
-    def torch_body(self, name: str):
-        """The undecorated torch function behind modeling_mamba2.<name>."""
-        return self.bodies[name][0]
-
-    def _shim(self, name):
-        body = self.torch_body(name)
-        params = inspect.signature(body).parameters
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-        def shim(*args, **kwargs):
-            self.calls[name] += 1
-            # the dispatcher drops kwargs its implementation does not accept; do the same
-            kwargs = kwargs if takes_any else {k: v for k, v in kwargs.items() if k in params}
-            return body(*args, **kwargs)
-
-        return shim
-
-    def __enter__(self):
-        self._calls_at_enter = dict(self.calls)
-        for name in self.names:
-            self._saved[name] = getattr(self.mm, name)
-            setattr(self.mm, name, self._shim(name))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self._saved.items():
-            setattr(self.mm, name, fn)
-        self._saved.clear()
-        return False
-
-    def require_called(self, *names: str, what: str) -> None:
-        """After `what` ran (in the last `with` block), each of `names` must have run at least once
-        in it: otherwise the model took a path around the functions this recorder controls, and
-        its output is not the torch path."""
-        missing = [n for n in names if self.calls.get(n, 0) == self._calls_at_enter.get(n, 0)]
-        if missing:
-            raise reference_changed(f"{what} never called modeling_mamba2.{missing[0]}: the model runs "
-                                    "code this suite does not control")
-
-    def record(self) -> dict:
-        out = {}
-        for name in self.names:
-            bound = self.bound[name]
-            why = ("transformers bound its torch body (kernel packages hidden at import)"
-                   if bound == "torch fallback"
-                   else f"bound to {bound}; bypassed at call time")
-            out[DISPATCHED.get(name, name)] = {
-                "function": f"modeling_mamba2.{name}",
-                "ran": "torch fallback" if self.calls[name] else "not called",
-                "calls": self.calls[name], "bound_at_import": bound, "why": why,
-                "torch_body": self.bodies[name][1],
-                **({} if name in DISPATCHED else {"note": "dispatched function unknown to the tested "
-                                                          "releases; its torch body ran"})}
-        return out
 
 
 def versions() -> dict:

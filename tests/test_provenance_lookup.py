@@ -17,6 +17,7 @@ import transformers
 from equiv import tested_versions
 from equiv.errors import ReferenceChanged
 from equiv_reference import provenance as prov
+from equiv_reference.mamba2 import dispatch
 
 SOURCE = textwrap.dedent('''
     import functools
@@ -97,7 +98,7 @@ def test_bodies_found_by_wrapped_or_recompiled_source(fake_modeling):
 def test_recorder_runs_the_bodies_counts_calls_and_restores(fake_modeling):
     mm = fake_modeling
     wrappers = {n: getattr(mm, n) for n in prov.dispatched_names(mm)}
-    recorder = prov.DispatchRecorder(mm)
+    recorder = dispatch.DispatchRecorder(mm)
     with recorder:
         assert mm.forward(1) == 201  # torch bodies only, the extra kwarg dropped as the dispatcher does
     assert all(getattr(mm, n) is fn for n, fn in wrappers.items())
@@ -119,7 +120,7 @@ def test_a_release_without_a_required_function_is_one_line(tmp_path):
     mm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mm)
     with pytest.raises(ReferenceChanged) as info:
-        prov.DispatchRecorder(mm)
+        dispatch.DispatchRecorder(mm)
     message = str(info.value)
     newest = tested_versions.supported_transformers()[-1]
     for fragment in (f"transformers {transformers.__version__}", "mamba2_chunk_scan",
@@ -130,7 +131,7 @@ def test_a_release_without_a_required_function_is_one_line(tmp_path):
 
 def test_installed_transformers_is_in_the_tested_range_and_its_bodies_are_found():
     """The real module: every dispatched function resolves to its def, however it is wrapped."""
-    mm = prov.import_modeling_mamba2()
+    mm = dispatch.import_modeling_mamba2()
     if transformers.__version__ not in tested_versions.supported_transformers():
         pytest.skip(f"transformers {transformers.__version__} is outside the tested set (matrix: newest leg)")
     for name in prov.dispatched_names(mm):
@@ -142,7 +143,7 @@ def test_diff_with_a_changed_reference_exits_2_with_one_line(capsys, monkeypatch
     from equiv.cli import main
     from equiv.fixtures import fixture_dir
 
-    monkeypatch.setattr(prov, "REQUIRED", (*prov.REQUIRED, "mamba2_scan_in_a_future_release"))
+    monkeypatch.setattr(dispatch, "REQUIRED", (*dispatch.REQUIRED, "mamba2_scan_in_a_future_release"))
     code = main(["diff", str(fixture_dir("tiny-g2")), "--seq-len", "8", "--batch", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err

@@ -243,8 +243,10 @@ def test_bad_inputs_raise_equiv_errors(runners, tmp_path):
         load_reference("transformers", fixture_dir("tiny-g2"), "float16")
     with pytest.raises(ReferenceError, match="float16"):
         TransformersRunner(fixture_dir("tiny-g2"), "float16")
-    with pytest.raises(ReferenceError, match="config.json"):
+    with pytest.raises(EquivError, match="config.json, the file does not exist"):
         load_reference("transformers", tmp_path, "float32")
+    with pytest.raises(ReferenceError, match="config.json"):
+        TransformersRunner(tmp_path, "float32")
     with pytest.raises(ReferenceUnavailable, match="expected one of"):
         load_reference("jax", fixture_dir("tiny-g2"))
     if not torch.cuda.is_available():

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from equiv_reference import byte_tokenizer as tok
-from equiv_reference import provenance as prov
+from equiv_reference.mamba2 import dispatch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,9 +80,9 @@ N_NEW_TOKENS = 64
 def import_mamba2_fallback():
     """transformers' Mamba-2, imported through `equiv_reference.provenance` (kernel packages hidden on first
     import). Returns (Mamba2Config, Mamba2ForCausalLM, modeling_mamba2 module). Every forward of this
-    module then runs inside `prov.DispatchRecorder`, which calls the torch bodies and counts the calls,
+    module then runs inside `dispatch.DispatchRecorder`, which calls the torch bodies and counts the calls,
     so the training record says what ran, not what was hoped."""
-    mm = prov.import_modeling_mamba2()
+    mm = dispatch.import_modeling_mamba2()
     return mm.Mamba2Config, mm.Mamba2ForCausalLM, mm
 
 
@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, train_ids, held_ids, probe_steps: int | None = None)
     curve, window_losses = [], []
     steps = probe_steps or cfg.steps
     t0 = time.perf_counter()
-    with prov.DispatchRecorder(mm) as recorder:
+    with dispatch.DispatchRecorder(mm) as recorder:
         for step in range(steps):
             w = random_windows(train_ids, cfg.batch, cfg.seq_len, gen)                     # (b, l+1)
             logits = model(input_ids=w[:, :-1]).logits                                      # (b, l, v)
@@ -200,7 +200,7 @@ def greedy_decode(model, prompt: str, n_new: int = N_NEW_TOKENS):
                           pad_token_id=tok.PAD_ID, bos_token_id=tok.BOS_ID, return_dict_in_generate=True,
                           output_logits=True)
     model.eval()
-    with torch.no_grad(), prov.DispatchRecorder(prov.import_modeling_mamba2()) as recorder:
+    with torch.no_grad(), dispatch.DispatchRecorder(dispatch.import_modeling_mamba2()) as recorder:
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
     if recorder.calls["mamba2_selective_state_update"] == 0:  # the cached single-step path never ran
         raise RuntimeError(f"generate from {prompt!r} did not take the cached decode step")
@@ -248,7 +248,7 @@ def redecode(checkpoint: Path) -> int:
     rows, summary = decode_report(Mamba2ForCausalLM.from_pretrained(checkpoint))
     print(json.dumps(summary))
     record |= {"prompts": list(PROMPTS), "decodes": rows, "margins": summary,
-               "decodes_written_by": {"mode": "--redecode", "import": prov.import_record(),
+               "decodes_written_by": {"mode": "--redecode", "import": dispatch.import_record(),
                                       "versions": versions(), "threads": torch.get_num_threads()}}
     path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"rewrote decodes and margins in {path}")
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         "tokenizer": {"module": "equiv_reference.byte_tokenizer", "vocab_size": tok.VOCAB_SIZE,
                       "ids_used": tok.N_IDS_USED, "bos": tok.BOS_ID, "eos": tok.EOS_ID, "pad": tok.PAD_ID,
                       "file_separator": "eos"},
-        "reference_path": {"import": prov.import_record(), "training_dispatch": dispatch},
+        "reference_path": {"import": dispatch.import_record(), "training_dispatch": dispatch},
         "deterministic_algorithms": True, "threads": cfg.threads,
         "loss_curve": curve, "final": final, "prompts": list(PROMPTS), "decodes": rows, "margins": summary,
         "decodes_written_by": "training run",

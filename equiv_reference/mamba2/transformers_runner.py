@@ -26,6 +26,7 @@ from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult
 from equiv_reference import provenance as prov
 from equiv_reference.float64_oracle import Float64Lift
+from equiv_reference.mamba2 import dispatch
 from equiv_reference.torch_taps import tap_modules, to_numpy
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class TransformersRunner:
         checkpoint_dir = Path(checkpoint_dir)
         if not (checkpoint_dir / "config.json").is_file():
             raise ReferenceError(f"checkpoint: expected {checkpoint_dir}/config.json, it does not exist")
-        self.mm = prov.import_modeling_mamba2()
+        self.mm = dispatch.import_modeling_mamba2()
         self.dtype, self.device, self.checkpoint = dtype, device, str(checkpoint_dir)
         self.lift = (dtype == "float64") if lift_float32_casts is None else bool(lift_float32_casts)
         if self.lift and dtype != "float64":
@@ -98,7 +99,7 @@ class TransformersRunner:
         self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
         self.n_layers = self.config.num_hidden_layers
         self.tap_names = tap_names(self.n_layers)
-        self.recorder = prov.DispatchRecorder(self.mm)
+        self.recorder = dispatch.DispatchRecorder(self.mm)
         self.lifted_sites: dict[str, int] = {}
         # 5.24 renamed forward's `cache_params` to `cache` (the old name warns until 5.40)
         forward_params = inspect.signature(self.model.forward).parameters
@@ -250,7 +251,7 @@ class TransformersRunner:
             "code_paths": paths,
             "path": "torch fallback",
             "kernel_control": {
-                **prov.import_record(),
+                **dispatch.import_record(),
                 "blocked_packages": list(prov.KERNEL_PACKAGES),
                 "why": "transformers binds mamba_ssm / causal_conv1d kernels when they are importable at its "
                        "first import of modeling_mamba2, and they crash a CPU forward; the reference is "
