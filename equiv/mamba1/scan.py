@@ -40,7 +40,7 @@ from equiv.errors import ShapeError, format_mismatches
 MODES = ("sequential", "associative", "chunked")
 DEFAULT_CHUNK = 256
 """The chunked form's chunk when none is given: a 130m layer (e = 1536, n = 16) then holds
-b x 256 x 1536 x 16 float32 values per chunk, 25 MiB at b = 1."""
+b x 256 x 1536 x 16 float32 values in each (b, chunk, e, n) array of a chunk, 25 MiB at b = 1."""
 
 _F32 = jnp.float32
 
