@@ -126,15 +126,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python="3.11", default=False)
 def fixtures(session: nox.Session) -> None:
-    """Regenerate fixtures/ (tiny checkpoints, golden reference outputs, manifest) with fixed seeds.
-    The trained checkpoint is only retrained with `-- --retrain` (about 12 minutes on 2 cores)."""
+    """Regenerate fixtures/ (every family's tiny checkpoints, golden reference outputs, manifest) with
+    fixed seeds. Trained checkpoints are only retrained with `-- --retrain` (Mamba-2's about 12
+    minutes on 2 cores, Mamba-1's about 4)."""
     install_project(session, "reference", "test")
-    session.run("python", "-m", "equiv_reference.mamba2.make_fixtures", "--out", "fixtures")
-    if "--retrain" in session.posargs:
-        session.run("python", "-m", "equiv_reference.mamba2.train_byte_model",
-                    "--out", "fixtures/trained-bytes")
-    session.run("python", "-m", "equiv_reference.golden", "--out", "fixtures/golden")
-    session.run("python", "-m", "equiv_reference.manifest")
+    session.run("python", "-m", "equiv_reference.build_fixtures", *session.posargs)
 
 
 @nox.session(python="3.11", default=False)

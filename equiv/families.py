@@ -51,6 +51,7 @@ class Family:
     default_reference: str
     properties: PropertySuite
     fixture_builders: tuple[str, ...] = ()  # modules run as `python -m MODULE --out fixtures`
+    trained_fixtures: dict[str, str] = field(default_factory=dict)  # fixture name -> its trainer module
     notes: dict[str, str] = field(default_factory=dict)
 
 

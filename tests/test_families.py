@@ -107,5 +107,7 @@ def test_every_name_a_family_gives_resolves(name):
     for target in (fam.ports["builtin"], suite.run, suite.torch_free_references, suite.references,
                    *fam.references.values()):
         assert callable(import_attr(target, target)), target
-    for module in fam.fixture_builders:
+    for module in (*fam.fixture_builders, *fam.trained_fixtures.values()):
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file(), module
+    for name in fam.trained_fixtures:
+        assert (fixture_dir(name) / "training.json").is_file(), name

@@ -15,5 +15,6 @@ FAMILY = Family(
     properties=PropertySuite("SSD duality", run="equiv.mamba2.ssd_properties:run_ssd_properties",
                              references="equiv_reference.mamba2.ssd_references:TorchSSDReferences",
                              torch_free_references="equiv.mamba2.ssd_numpy:NumpySSDReferences"),
-    fixture_builders=("equiv_reference.mamba2.make_fixtures", "equiv_reference.mamba2.train_byte_model"),
+    fixture_builders=("equiv_reference.mamba2.make_fixtures",),
+    trained_fixtures={"trained-bytes": "equiv_reference.mamba2.train_byte_model"},
 )
