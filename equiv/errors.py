@@ -1,5 +1,9 @@
 """The exceptions the library raises for bad input. All are ValueError subclasses, so callers that
-only know ValueError still catch them; the CLI turns each into one line and exit code 2."""
+only know ValueError still catch them; the CLI turns each into one line and exit code 2. Also the
+helpers every message uses to show an untrusted string (quote, quote_path, one_line)."""
+
+import os
+import re
 
 
 class EquivError(ValueError):
@@ -51,11 +55,63 @@ class ReportWriteError(EquivError):
     """The report directory cannot be written."""
 
 
+def quote(value, keep: int = 40) -> str:
+    """An untrusted string (a key or name from a file, a plug-in's message) as a message shows it:
+    repr-style, so a newline or a terminal escape cannot cut the line or reach the terminal raw,
+    and shortened in the middle to `keep` characters each side, so a huge one gives a short line."""
+    try:
+        text = repr(value if isinstance(value, str) else str(value))
+    except Exception:  # noqa: BLE001 - a hostile __str__ / __repr__
+        text = f"<{type(value).__name__} that cannot be shown>"
+    if len(text) > 2 * keep + 5:
+        text = f"{text[:keep]}...{text[-keep:]}"
+    return text
+
+
+def bare_or_quoted(name, keep: int = 40) -> str:
+    """A name from a file (a config key) as it reads, when it is short plain printable text; else
+    `quote`d. Lists of ordinary keys stay readable, a hostile one cannot reach the terminal raw."""
+    plain = isinstance(name, str) and name and name.isprintable() and name.strip() == name
+    if plain and len(name) <= 2 * keep:
+        return name
+    return quote(name, keep)
+
+
+def clip(value, keep: int = 40) -> str:
+    """`quote` without the quotes: for a message's tail (a library's or plug-in's own words)."""
+    return quote(value, keep)[1:-1]
+
+
+def quote_path(path) -> str:
+    """A path as a message shows it: quoted like `quote`, with more kept (a user's own paths are
+    long legitimately: a Hugging Face cache snapshot is about 130 characters)."""
+    try:
+        text = os.fsdecode(path) if isinstance(path, str | bytes | os.PathLike) else str(path)
+    except Exception:  # noqa: BLE001
+        text = str(path)
+    return quote(text, keep=80)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(message: str, limit: int = 2000) -> str:
+    """The last guard before a message reaches the terminal: control characters escaped (so the
+    line stays one line and no escape sequence runs), shortened in the middle past `limit`."""
+    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(message))
+    if len(text) > limit:
+        text = f"{text[:limit // 2]} ... {text[-limit // 2:]}"
+    return text
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """An exception's message for a one-line error: its first non-blank line, at most `limit`
-    characters, or "(no message)"."""
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else "(no message)"
+    characters, or "(no message)". Control characters are escaped (it may come from a plug-in)."""
+    try:
+        text = str(e).strip()
+    except Exception:  # noqa: BLE001 - a hostile __str__
+        text = ""
+    return one_line(text.splitlines()[0], limit) if text else "(no message)"
 
 
 def format_mismatches(what: str, problems: list[str]) -> str:

@@ -14,11 +14,11 @@ No torch here: the golden-replay path runs where torch is not installed.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
-from equiv.errors import EquivError, FixtureIntegrityError, format_mismatches
+from equiv.errors import EquivError, FixtureIntegrityError, clip, format_mismatches, quote, quote_path
+from equiv.io.bounded import open_regular, probe, read_json_object_file
 
 MANIFEST = "manifest.json"
 SCHEMA = {"schema": "ssm-equiv/fixtures-manifest", "schema_version": 1}
@@ -47,7 +47,7 @@ def fixtures_root(root: str | Path | None = None) -> Path:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, "a fixture file", FixtureIntegrityError) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -66,17 +66,19 @@ def scan_files(directory: Path) -> dict[str, dict]:
 
 def read_manifest(root: str | Path | None = None) -> dict:
     path = fixtures_root(root) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FixtureIntegrityError(f"fixtures manifest: expected {path}, it does not exist "
-                                    "(write it with `python -m equiv_reference.manifest`)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FixtureIntegrityError(f"fixtures manifest {path}: expected valid JSON, got "
-                                    f"{type(e).__name__}: {e}") from None
-    if not isinstance(manifest, dict) or {k: manifest.get(k) for k in SCHEMA} != SCHEMA:
-        got = {k: manifest.get(k) for k in SCHEMA} if isinstance(manifest, dict) else type(manifest).__name__
-        raise FixtureIntegrityError(f"fixtures manifest {path}: expected {SCHEMA}, got {got}")
+    if probe(path, "a fixtures manifest", FixtureIntegrityError) is None:
+        raise FixtureIntegrityError(f"fixtures manifest: expected {quote_path(path)}, it does not exist "
+                                    "(write it with `python -m equiv_reference.manifest`)")
+    manifest = read_json_object_file(path, "a fixtures manifest", error=FixtureIntegrityError)
+    if {k: manifest.get(k) for k in SCHEMA} != SCHEMA:
+        got = {k: manifest.get(k) for k in SCHEMA}
+        raise FixtureIntegrityError(f"fixtures manifest {quote_path(path)}: expected {SCHEMA}, got "
+                                    f"{clip(repr(got), 60)}")
+    fixtures = manifest.get("fixtures")
+    if not (isinstance(fixtures, dict) and all(isinstance(v, dict) and isinstance(v.get("files"), dict)
+                                               for v in fixtures.values())):
+        raise FixtureIntegrityError(f"fixtures manifest {quote_path(path)}: expected a 'fixtures' object of "
+                                    "{name: {files: {...}}} entries")
     return manifest
 
 
@@ -89,10 +91,11 @@ def fixture_dir(name: str, root: str | Path | None = None) -> Path:
     """The directory of fixture `name` (must be in the manifest and exist)."""
     names = list_fixtures(root)
     if name not in names:
-        raise UnknownFixture(f"fixture: expected one of {names}, got {name!r}")
+        raise UnknownFixture(f"fixture: expected one of {names}, got {quote(name)}")
     path = fixtures_root(root) / name
     if not path.is_dir():
-        raise FixtureIntegrityError(f"fixture {name!r}: expected directory {path}, it does not exist")
+        raise FixtureIntegrityError(f"fixture {quote(name)}: expected directory {quote_path(path)}, it "
+                                    "does not exist")
     return path
 
 
@@ -114,6 +117,7 @@ def verify_fixture(name: str, root: str | Path | None = None) -> Path:
             problems.append(f"{rel}: expected sha256 {want['sha256']} ({want['size']} bytes), "
                             f"got {got['sha256']} ({got['size']} bytes)")
     if problems:
-        raise FixtureIntegrityError(format_mismatches(f"fixture {name!r} ({path}) does not match "
-                                                      f"{fixtures_root(root) / MANIFEST}", problems))
+        raise FixtureIntegrityError(format_mismatches(f"fixture {quote(name)} ({quote_path(path)}) does not "
+                                                      f"match {quote_path(fixtures_root(root) / MANIFEST)}",
+                                                      problems))
     return path

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import EquivError, FixtureIntegrityError
+from equiv.errors import EquivError, FixtureIntegrityError, quote, quote_path
+from equiv.io.bounded import probe, read_json_object_file
 from equiv.io.safetensors_io import read_safetensors, write_safetensors
 from equiv.ports import GenerateResult
 
@@ -85,10 +86,18 @@ class GoldenRunner:
     def __init__(self, path: Path):
         path = Path(path)
         meta_path, data_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
-        if not meta_path.is_file() or not data_path.is_file():
-            raise FixtureIntegrityError(f"golden recording {path}: expected {meta_path.name} and "
+        if probe(meta_path, "a golden recording", FixtureIntegrityError) is None or probe(
+                data_path, "a golden recording", FixtureIntegrityError) is None:
+            raise FixtureIntegrityError(f"golden recording {quote_path(path)}: expected {meta_path.name} and "
                                         f"{data_path.name}; regenerate with `nox -s fixtures`")
-        self.meta = json.loads(meta_path.read_text())
+        meta = read_json_object_file(meta_path, "a golden recording's index", error=FixtureIntegrityError)
+        calls = meta.get("calls")
+        if not (isinstance(meta.get("provenance"), dict) and isinstance(calls, dict)
+                and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in calls.values())):
+            raise FixtureIntegrityError(f"golden recording {quote_path(meta_path)}: expected a 'provenance' "
+                                        "object and a 'calls' object of tap-name lists; regenerate with "
+                                        "`nox -s fixtures`")
+        self.meta = meta
         self.tensors = read_safetensors(data_path)
         self.path = path
 
@@ -98,8 +107,13 @@ class GoldenRunner:
     def _get(self, key: str, what: str) -> dict[str, np.ndarray]:
         names = self.meta["calls"].get(key)
         if names is None:
-            raise GoldenMismatch(f"golden recording {self.path.name}: no {what} recorded for these inputs; "
-                                 "the check's inputs changed: regenerate with `nox -s fixtures`")
+            raise GoldenMismatch(f"golden recording {quote(self.path.name)}: no {what} recorded for these "
+                                 "inputs; the check's inputs changed: regenerate with `nox -s fixtures`")
+        absent = [n for n in names if f"{key}/{n}" not in self.tensors]
+        if absent:
+            raise FixtureIntegrityError(f"golden recording {quote(self.path.name)}: expected tensors "
+                                        f"{key}/{{{', '.join(map(quote, absent[:3]))}}} in its safetensors, "
+                                        "they are missing; regenerate with `nox -s fixtures`")
         return {n: self.tensors[f"{key}/{n}"] for n in names}
 
     def run(self, ids, mask=None):

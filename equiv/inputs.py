@@ -4,11 +4,15 @@ checkpoint directory a command is given."""
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import CheckpointError, ShapeError, TokenRangeError
+from equiv.errors import CheckpointError, ShapeError, TokenRangeError, clip, quote_path
+from equiv.io.bounded import describe_mode, describe_os_error
 
 
 def _as_array(x, name: str) -> np.ndarray:
@@ -53,9 +57,21 @@ def check_tokens(ids, vocab_size: int, mask=None, name: str = "ids") -> tuple[np
     return ids.astype(np.int32), mask
 
 
-def require_checkpoint_dir(path: Path) -> Path:
-    """`path` if it is a directory, else one CheckpointError line saying what it is instead."""
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint: expected a directory, got {str(path)!r} "
-                              f"({'a file' if path.exists() else 'no such path'})")
-    return path
+def require_checkpoint_dir(path) -> Path:
+    """`path` if it is a directory, else one CheckpointError line saying what it is instead: no such
+    path, a file, a FIFO, a symlink loop, a path too long, ..."""
+    if not isinstance(path, str | os.PathLike) or str(path) == "":
+        raise CheckpointError(f"checkpoint: expected a directory path, got {clip(repr(path), 40)}")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        what = "no such path" if e.errno == errno.ENOENT and not os.path.lexists(path) else (
+            describe_os_error(e, path))
+        raise CheckpointError(f"checkpoint: expected a directory, got {quote_path(path)} ({what})") from None
+    except ValueError:
+        raise CheckpointError(f"checkpoint: expected a directory, got {quote_path(path)} (a path with a NUL "
+                              "byte)") from None
+    if not stat.S_ISDIR(mode):
+        what = "a file" if stat.S_ISREG(mode) else describe_mode(mode)
+        raise CheckpointError(f"checkpoint: expected a directory, got {quote_path(path)} ({what})")
+    return Path(path)

@@ -4,11 +4,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from equiv.errors import ConfigError
+from equiv.errors import ConfigError, bare_or_quoted, quote_path
+from equiv.io.bounded import json_type, read_json
 
 MAX_SIZE = 2**31 - 1
 """Largest accepted size or id: XLA indexes with int32, and token ids are cast to int32."""
@@ -27,8 +27,14 @@ UNKNOWN_ATTRS = ("expected only attributes the port maps or knows to be harmless
 
 
 def show(v) -> str:
-    text = repr(v)
-    text = text if len(text) <= 60 else text[:57] + "..."
+    """A config value in a message: repr-style (control characters escaped), shortened in the
+    middle, with its Python type."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int past the digit limit
+        text = f"<{type(v).__name__} too large to print>"
+    if len(text) > 60:
+        text = f"{text[:28]}...{text[-28:]}"
     return f"{text} ({type(v).__name__})"
 
 
@@ -44,7 +50,8 @@ def int_problem(name: str, v, lo: int = 1, hi: int = MAX_SIZE) -> str | None:
 
 
 def unknown_keys(raw: dict, known: set, prefix: str = "") -> list[str]:
-    return [prefix + k for k in sorted(str(k) for k in set(raw) - known)]
+    """The keys of `raw` not in `known`, sorted, for a message (a hostile one quoted)."""
+    return [bare_or_quoted(prefix + k) for k in sorted(str(k) for k in set(raw) - known)]
 
 
 def _json_float(v, floats_only: bool = False) -> float:
@@ -152,39 +159,12 @@ class JsonReader:
         return None
 
 
-class _DuplicateKey(Exception):
-    pass
-
-
-def _no_duplicate_keys(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:  # json keeps the last one silently: which one did the author mean?
-            raise _DuplicateKey(f"expected each key once, got {k!r} twice")
-        seen[k] = v
-    return seen
-
-
 def read_json_object(path: Path, what: str, error=ConfigError, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
-    """A small JSON file holding one object, with every failure as `error` naming the file: missing,
-    unreadable, too large, not UTF-8, not JSON, duplicate keys, nesting too deep, an integer too
-    long to convert, not an object."""
-    try:
-        size = path.stat().st_size
-        blob = path.read_bytes() if size <= max_bytes else b""
-    except FileNotFoundError:
-        raise error(f"{path}: expected a {what}, the file does not exist") from None
-    except OSError as e:
-        raise error(f"{path}: expected a readable {what}, got {e.strerror or type(e).__name__}") from None
-    if size > max_bytes:
-        raise error(f"{path}: expected a {what} under {max_bytes} bytes, got {size} bytes")
-    try:
-        raw = json.loads(blob.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as e:
-        raise error(f"{path}: {e}") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise error(f"{path}: expected a valid JSON {what}, got {type(e).__name__}: {first}") from None
+    """A small JSON file holding one object, read through the bounded reader (equiv/io/bounded.py),
+    with every failure as `error` naming the file: missing, not a regular file, a symlink loop,
+    too large, not UTF-8, not JSON, duplicate keys, nesting too deep, an integer too long to
+    convert, not an object."""
+    raw = read_json(path, f"a {what}", max_bytes, error)
     if not isinstance(raw, dict):
-        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        raise error(f"{quote_path(path)}: expected a JSON object, got {json_type(raw)}")
     return raw

@@ -18,14 +18,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import stat
 import struct
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from equiv.errors import CheckpointError, DtypeError
+from equiv.errors import CheckpointError, DtypeError, quote, quote_path
+from equiv.io.bounded import describe_os_error, open_regular, parse_json
+from equiv.io.json_reader import show
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -47,7 +48,7 @@ def _unique_keys(pairs):
     out = {}
     for k, v in pairs:
         if k in out:
-            raise _Corrupt(f"expected each tensor name once in the header, got {k!r} twice")
+            raise _Corrupt(f"expected each tensor name once in the header, got {quote(k)} twice")
         out[k] = v
     return out
 
@@ -64,34 +65,35 @@ def _tensor_specs(header, data_len: int) -> list[tuple[str, np.dtype, tuple, int
     if meta is not None and not isinstance(meta, dict):
         raise _Corrupt(f"__metadata__: expected an object, got {type(meta).__name__}")
     specs = []
-    for name, info in header.items():
+    for key, info in header.items():
+        name = quote(key)
         if not isinstance(info, dict) or {"dtype", "shape", "data_offsets"} - set(info):
-            raise _Corrupt(f"tensor {name!r}: expected keys dtype, shape, data_offsets, got {info!r}"[:300])
+            raise _Corrupt(f"tensor {name}: expected keys dtype, shape, data_offsets, got {show(info)}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise _Corrupt(f"tensor {name!r}: expected a dtype in {sorted(DTYPES)}, got {dtype!r}"[:300])
+            raise _Corrupt(f"tensor {name}: expected a dtype in {sorted(DTYPES)}, got {show(dtype)}")
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
-            raise _Corrupt(f"tensor {name!r}: expected a shape of non-negative ints, got {shape!r}"[:300])
+            raise _Corrupt(f"tensor {name}: expected a shape of non-negative ints, got {show(shape)}")
         if len(shape) > MAX_NDIM:  # also keeps math.prod below from multiplying millions of big ints
-            raise _Corrupt(f"tensor {name!r}: expected at most {MAX_NDIM} dimensions, got {len(shape)}")
+            raise _Corrupt(f"tensor {name}: expected at most {MAX_NDIM} dimensions, got {len(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-            raise _Corrupt(f"tensor {name!r}: expected data_offsets [begin, end], got {offsets!r}"[:300])
+            raise _Corrupt(f"tensor {name}: expected data_offsets [begin, end], got {show(offsets)}")
         begin, end = offsets
         want = math.prod(shape) * DTYPES[dtype].itemsize
         if not 0 <= begin <= end <= data_len:
-            raise _Corrupt(f"tensor {name!r}: expected a byte range inside the {data_len}-byte data section, "
+            raise _Corrupt(f"tensor {name}: expected a byte range inside the {data_len}-byte data section, "
                            f"got [{begin}, {end}) (truncated file?)")
         if end - begin != want:
-            raise _Corrupt(f"tensor {name!r}: expected {want} bytes for shape {shape} x {dtype}, the header "
+            raise _Corrupt(f"tensor {name}: expected {want} bytes for shape {shape} x {dtype}, the header "
                            f"gives {end - begin}")
-        specs.append((name, DTYPES[dtype], tuple(shape), begin, end))
+        specs.append((key, DTYPES[dtype], tuple(shape), begin, end))
     specs.sort(key=lambda s: (s[3], s[4]))
     at = 0
     for name, _, _, begin, end in specs:
         if begin != at:
             what = "overlaps the previous tensor" if begin < at else "leaves a gap"
-            raise _Corrupt(f"tensor {name!r}: expected its bytes to start at {at}, got [{begin}, {end}), "
-                           f"which {what}")
+            raise _Corrupt(f"tensor {quote(name)}: expected its bytes to start at {at}, got "
+                           f"[{begin}, {end}), which {what}")
         at = end
     if at != data_len:
         raise _Corrupt(f"expected the tensors to fill the {data_len}-byte data section, they end at "
@@ -101,18 +103,15 @@ def _tensor_specs(header, data_len: int) -> list[tuple[str, np.dtype, tuple, int
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     """All tensors of one file, validated first (see the module docstring); CheckpointError names the
-    file and the problem."""
+    file and the problem. Opened through the bounded reader: a regular file only."""
     path = Path(path)
+    where = f"{quote_path(path)}: corrupt safetensors file"
 
     def bad(msg):
-        return CheckpointError(f"{path}: corrupt safetensors file: {msg}")
+        return CheckpointError(f"{where}: {msg}")
 
-    try:
-        mode = path.stat().st_mode
-        if not stat.S_ISREG(mode):  # a FIFO would block forever, a device never end
-            raise CheckpointError(f"{path}: expected a regular file, got "
-                                  f"{'a directory' if stat.S_ISDIR(mode) else 'a special file'}")
-        with open(path, "rb") as f:
+    with open_regular(path, "a safetensors file", CheckpointError) as f:
+        try:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
                 raise bad(f"expected at least 8 bytes for the header length, got {size}")
@@ -120,29 +119,31 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             if n > MAX_HEADER or 8 + n > size:
                 raise bad(f"expected a header length within the file ({size} bytes) and the "
                           f"{MAX_HEADER}-byte limit, got {n}: truncated or not safetensors")
+            blob = f.read(n)
+            if len(blob) != n:  # the file shrank under us
+                raise bad(f"expected a {n}-byte header, read {len(blob)}")
             try:
-                header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
+                header = parse_json(blob, where, "a JSON header", CheckpointError,
+                                    object_pairs_hook=_unique_keys)
                 specs = _tensor_specs(header, size - 8 - n)
             except _Corrupt as e:
                 raise bad(str(e)) from None
-            except (ValueError, RecursionError) as e:  # JSON, UTF-8, int digit limit, nesting depth
-                raise bad(f"expected a JSON header, got {type(e).__name__}: {str(e)[:200]}") from None
             out = {}
-            for name, dtype, shape, begin, _ in specs:
+            for key, dtype, shape, begin, _ in specs:
                 try:  # numpy refuses e.g. (0, 2**62): empty, yet "too big"; or there is no memory left
                     arr = np.empty(shape, dtype)
                 except (ValueError, MemoryError) as e:
-                    raise bad(f"tensor {name!r}: expected a shape numpy can allocate, got {list(shape)} "
+                    raise bad(f"tensor {quote(key)}: expected a shape numpy can allocate, got {list(shape)} "
                               f"({type(e).__name__}: {e})") from None
                 f.seek(8 + n + begin)
                 got = f.readinto(arr.reshape(-1).view(np.uint8))
                 if got != arr.nbytes:  # the file shrank under us
-                    raise bad(f"tensor {name!r}: expected {arr.nbytes} bytes, read {got}")
-                out[name] = arr
+                    raise bad(f"tensor {quote(key)}: expected {arr.nbytes} bytes, read {got}")
+                out[key] = arr
             return out
-    except OSError as e:
-        raise CheckpointError(f"{path}: expected a readable file, got "
-                              f"{e.strerror or type(e).__name__}") from None
+        except OSError as e:
+            raise CheckpointError(f"{quote_path(path)}: expected a readable safetensors file, got "
+                                  f"{describe_os_error(e)}") from None
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:

@@ -20,7 +20,6 @@ with in_dim = 2e + 2gn + h (z | x B C | dt) and conv_dim = e + 2gn (x B C).
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -29,7 +28,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from equiv.errors import CheckpointError, ConfigError, DtypeError
+from equiv.errors import CheckpointError, ConfigError, DtypeError, bare_or_quoted, clip, quote
+from equiv.inputs import require_checkpoint_dir
 from equiv.io.checkpoint_files import read_tensors
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.config_file import load_config
@@ -98,7 +98,8 @@ def _is_float(a) -> bool:
 
 def _check_dtype(dtype) -> type:
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise DtypeError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r} ({type(dtype).__name__})")
+        raise DtypeError(f"dtype: expected one of {sorted(DTYPES)}, got {clip(repr(dtype), 30)} "
+                         f"({type(dtype).__name__})")
     return DTYPES[dtype]
 
 
@@ -108,7 +109,7 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
     np_dtype = _check_dtype(dtype)
     if fmt not in _PREFIX:
         raise ConfigError(f"checkpoint format: expected one of {sorted(_PREFIX)}, got {fmt!r}")
-    bad_keys = [repr(k)[:60] for k, v in tensors.items()
+    bad_keys = [quote(k) for k, v in tensors.items()
                 if not isinstance(k, str) or not isinstance(v, np.ndarray)]
     if bad_keys:
         raise CheckpointError(f"{fmt} checkpoint: expected str -> array entries, got "
@@ -141,7 +142,7 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
                               "tie_word_embeddings is true)")
     missing = sorted(set(wanted) - set(tensors))
     tied_head = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    unexpected = sorted(set(tensors) - set(wanted) - tied_head) + tied_extra
+    unexpected = [bare_or_quoted(k) for k in sorted(set(tensors) - set(wanted) - tied_head)] + tied_extra
     misshapen = [f"{k}: expected {_named_shape(cfg, ours if isinstance(ours, str) else ours[0], shape)}, "
                  f"got {tuple(tensors[k].shape)}"
                  for k, (ours, shape) in wanted.items() if k in tensors and tuple(tensors[k].shape) != shape]
@@ -211,13 +212,7 @@ def _to_params(cfg: Mamba2Config, wanted: dict, tensors: dict, np_dtype, fmt: st
 def load_checkpoint(checkpoint_dir: str | Path, dtype: str = "float32") -> tuple[Mamba2Config, dict, str]:
     """Read and convert a checkpoint directory. Returns (config, params, format)."""
     _check_dtype(dtype)  # before reading gigabytes
-    if not isinstance(checkpoint_dir, (str, os.PathLike)) or str(checkpoint_dir) == "":
-        raise CheckpointError(f"checkpoint: expected a directory path, got {checkpoint_dir!r}")
-    checkpoint_dir = Path(checkpoint_dir)
-    if not checkpoint_dir.is_dir():
-        shown = str(checkpoint_dir) if str(checkpoint_dir).isprintable() else repr(str(checkpoint_dir))
-        raise CheckpointError(f"checkpoint: expected a directory, got {shown} "
-                              f"({'a file' if checkpoint_dir.exists() else 'does not exist'})")
+    checkpoint_dir = require_checkpoint_dir(checkpoint_dir)
     cfg, fmt = load_config(checkpoint_dir)
     params = map_tensors(cfg, fmt, read_tensors(checkpoint_dir), dtype)
     return cfg, params, fmt
