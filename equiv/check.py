@@ -30,7 +30,9 @@ from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError, first_line
 from equiv.families import Family, family_of_checkpoint, import_attr
 from equiv.inputs import require_checkpoint_dir
+from equiv.io.training_json import read_training_json
 from equiv.layerwise import LayerwiseResult, run_layerwise
+from equiv.memory import require_memory
 from equiv.ports import check_loaded_model
 from equiv.report import write_reports
 from equiv.report_wording import coverage, coverage_phrase, summary_line
@@ -68,23 +70,29 @@ def plan_for(fixture_path: Path, vocab_size: int, decode_lengths, seed: int = 0)
     port's algorithm changes regime; the layer-wise ids span two of the longest such lengths."""
     lengths = (decode_lengths,) if isinstance(decode_lengths, int) else tuple(decode_lengths)
     rng = np.random.default_rng(seed)
-    training = fixture_path / "training.json"
-    if training.is_file():
-        meta = json.loads(training.read_text())
+    meta = read_training_json(fixture_path)
+    if meta is not None:
         prompts = [list(p.encode("utf-8")) for p in meta["prompts"]]
-        eos = meta.get("eos_id")
+        eos = meta["eos_id"]
         text = "".join(meta["prompts"]) * 8
         layer_ids = np.asarray([list(text.encode("utf-8"))[:64]], np.int32)
-        pad = meta.get("pad_id", 0)
+        pad = meta["pad_id"]
         n_new = 64
     else:
         straddle = sorted({m for n in lengths for m in (n - 1, n, n + 1) if m >= 1})
         prompts = [rng.integers(0, vocab_size, n).tolist() for n in straddle]
         layer_ids = rng.integers(0, vocab_size, (2, 2 * max(lengths) + 5)).astype(np.int32)
         eos, pad, n_new = None, 0, 64
-    batches = [(np.asarray([p], np.int32), None) for p in prompts] if training.is_file() else []
+    batches = [(np.asarray([p], np.int32), None) for p in prompts] if meta is not None else []
     batches.append(left_pad(prompts, pad))
     return Plan(layer_ids, batches, n_new, eos)
+
+
+def plan_extent(decode_lengths, n_new: int = 64) -> tuple[int, int]:
+    """The largest (batch, length) a forward of plan_for's random plan runs (the layer-wise ids; the
+    decode batch with its new tokens), known before plan_for allocates anything of that size."""
+    lengths = (decode_lengths,) if isinstance(decode_lengths, int) else tuple(decode_lengths)
+    return max(2, 3 * len(lengths)), 2 * max(lengths) + 5 + n_new
 
 
 @dataclass
@@ -136,13 +144,22 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
     out = FixtureOutcome(name)
     t0 = time.perf_counter()
     model = port.load(path)
-    check_loaded_model(model, getattr(port, "name", str(port)), uses=("layer-wise diff", "decode match"))
+    port_name = getattr(port, "name", str(port))
+    check_loaded_model(model, port_name, uses=("layer-wise diff", "decode match"))
+    require_memory(model, port_name, *plan_extent(model.decode_lengths),
+                   f"{name}: the inputs its decode_lengths {tuple(model.decode_lengths)[:4]} imply")
     reference, oracle = load_ref(path, "float32"), load_ref(path, "float64")
     plan = plan_for(path, int(model.vocab_size), model.decode_lengths)
+    for ids, _ in plan.decode_batches:
+        require_memory(model, port_name, ids.shape[0], ids.shape[1] + plan.max_new_tokens,
+                       f"{name}: a decode batch of {ids.shape[0]} x {ids.shape[1]} tokens")
     for mode in ("accumulated", "isolated"):
         progress(f"[{name}] layer-wise diff, {mode}")
         out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode,
                                             seed=0)
+        if out.layerwise[mode].verdict == "inconclusive":  # nothing compared is no verdict: an input error
+            raise EquivError(f"{name}: {mode} layer-wise diff: no tap could be compared: "
+                             f"{coverage_phrase(out.layerwise[mode])}")
     for i, (prompts, mask) in enumerate(plan.decode_batches):
         progress(f"[{name}] greedy decode {i + 1}/{len(plan.decode_batches)}: "
                  f"{prompts.shape[0]} prompt(s) x {plan.max_new_tokens} tokens")

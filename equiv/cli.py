@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import EquivError, first_line
+from equiv.errors import EquivError, first_line, one_line, quote_path
 from equiv.inputs import require_checkpoint_dir
 from equiv.ports import check_loaded_model
 
@@ -64,6 +64,7 @@ class Progress:
         self._ticker: threading.Thread | None = None
 
     def stage(self, name: str) -> None:
+        name = one_line(name, 300)  # it may name a path or a plug-in: one line, no escape sequences
         with self._lock:
             self._finish_line()
             self._stage, self._t0 = name, time.monotonic()
@@ -203,7 +204,9 @@ def register_diff(subparsers) -> None:
 
 def run_diff(args, progress: Progress) -> int:
     from equiv.layerwise import run_layerwise
+    from equiv.memory import require_memory
     from equiv.report import prepare_out_dir, terminal_table, write_reports
+    from equiv.report_wording import coverage_phrase
 
     require_checkpoint_dir(args.checkpoint)
     if args.out is not None:
@@ -212,6 +215,8 @@ def run_diff(args, progress: Progress) -> int:
     progress.stage(f"loading port {args.port}{f' for {fam.title}' if fam else ''} ({args.dtype})")
     model = load_port(args.port, args.checkpoint, args.dtype, fam)
     check_loaded_model(model, args.port)  # protocol v1: a missing member is one line, not a traceback
+    require_memory(model, args.port, args.batch, args.seq_len,
+                   f"--batch {args.batch} --seq-len {args.seq_len}")
     ids = random_ids(int(model.vocab_size), args.batch, args.seq_len, args.seed)
     progress.stage(f"loading reference {args.reference or fam.default_reference} ({args.dtype} and the "
                    "float64 oracle)")
@@ -227,7 +232,7 @@ def run_diff(args, progress: Progress) -> int:
         write_reports(result, args.out)
         progress.close()
     if result.verdict == "inconclusive":
-        raise EquivError(f"no tap could be compared ({result.counts['unavailable']} unavailable); "
+        raise EquivError(f"no tap could be compared: {coverage_phrase(result)}; "
                          + (result.notes[-1] if result.notes else "see the table"))
     return EXIT_DIVERGENT if result.verdict == "divergent" else EXIT_EQUIVALENT
 
@@ -247,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register(sub)
     return parser
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError no layer named, as one line: what failed, on which path (quoted)."""
+    where = f"{quote_path(e.filename)}: " if e.filename is not None else ""
+    return one_line(f"{where}{e.strerror or type(e).__name__}")
 
 
 def unexpected_error_line(e: BaseException, command: str | None) -> str:
@@ -272,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args, progress))
     except (EquivError, OSError) as e:
         progress.close()
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        message = os_error_line(e) if isinstance(e, OSError) else one_line(str(e) or type(e).__name__)
         own_prefix = isinstance(e, UsageError) and message.startswith("equiv")
         print(message if own_prefix else f"equiv: error: {message}", file=sys.stderr)
         if debug:

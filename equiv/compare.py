@@ -124,13 +124,52 @@ def ulp_distance(a: np.ndarray, b: np.ndarray, dtype: str) -> np.ndarray:
     return np.abs(ordered(a) - ordered(b))
 
 
-def _nonfinite_mismatch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _same_nonfinite(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Positions where a and b are the same non-finite value: both NaN, or the same signed inf."""
+    return (np.isnan(a) & np.isnan(b)) | (np.isinf(a) & (a == b))
+
+
+def _nonfinite_mismatch(a: np.ndarray, b: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
     """Positions where a and b differ in finiteness, or are both non-finite but unequal
-    (NaN vs inf, +inf vs -inf). NaN at the same position on both sides counts as equal."""
+    (NaN vs inf, +inf vs -inf). NaN at the same position on both sides counts as equal. `held`:
+    the oracle b as the compared dtype holds it; where that is inf (b beyond the dtype's range), an
+    inf of the same sign in a is the correctly rounded value, not a mismatch."""
     fa, fb = np.isfinite(a), np.isfinite(b)
-    both_nan = np.isnan(a) & np.isnan(b)
-    same_inf = np.isinf(a) & np.isinf(b) & (np.sign(a) == np.sign(b))
-    return (fa != fb) | (~fa & ~fb & ~both_nan & ~same_inf)
+    mismatch = (fa != fb) | (~fa & ~fb & ~_same_nonfinite(a, b))
+    if held is not None:
+        mismatch &= ~(np.isinf(held) & (a == held))
+    return mismatch
+
+
+def _as_held(oracle: np.ndarray, dtype: str) -> np.ndarray:
+    """The float64 oracle rounded to the compared dtype (inf beyond its range), back in float64."""
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return oracle.astype(np_dtype).astype(np.float64)
+
+
+ALL_ZERO_REASON = ("nothing to compare: every value is exactly zero on the port, the reference and the "
+                   "oracle")
+"""The reason of a tap that compares nothing (an all-zero checkpoint or input gives it): its
+reference error is exactly zero, so any zero port 'passes' without having been tested."""
+
+
+def not_comparable_reason(count: int, size: int) -> str:
+    what = "every element" if count == size else f"{count} of {size} elements"
+    return (f"not comparable at {what}: non-finite identically on the port and the reference where the "
+            "float64 oracle is finite (both overflowed or went NaN the same way: not the port's defect)")
+
+
+def not_compared_kind(t) -> str | None:
+    """Why a tap both sides produced was not compared, for the coverage wording: 'all zero',
+    'non-finite on both', or None (compared, or one-sided, or unavailable for another reason)."""
+    if t.verdict != "unavailable":
+        return None
+    if t.reason == ALL_ZERO_REASON:
+        return "all zero"
+    if t.nonfinite.get("shared_count"):
+        return "non-finite on both"
+    return None
 
 
 @dataclass
@@ -208,16 +247,25 @@ def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
         return out
 
     # Non-finite values are data: equal positions compare equal, different ones are a divergence.
-    port_bad = _nonfinite_mismatch(port, oracle)
-    ref_bad = _nonfinite_mismatch(reference, oracle)
+    # Where the port and the reference hold the very same non-finite value and the oracle differs,
+    # both overflowed (or went NaN) the same way: a limit of the dtype or the checkpoint, not the
+    # port's defect. Those elements are not comparable, and are counted as such (`shared`).
+    held = _as_held(oracle, dtype)
+    port_bad = _nonfinite_mismatch(port, oracle, held)
+    ref_bad = _nonfinite_mismatch(reference, oracle, held)
+    shared = port_bad & _same_nonfinite(port, reference)
+    port_bad &= ~shared
+    ref_bad &= ~shared
     ok = np.isfinite(port) & np.isfinite(reference) & np.isfinite(oracle)
     finite_max = float(np.abs(oracle[np.isfinite(oracle)]).max()) if np.isfinite(oracle).any() else 0.0
-    if port_bad.any() or ref_bad.any() or not np.isfinite(oracle).all():
+    if port_bad.any() or ref_bad.any() or shared.any() or not np.isfinite(oracle).all():
         out.nonfinite = {
             "port_mismatch_count": int(port_bad.sum()),
             "port_mismatch_first": _first_positions(port_bad),
             "reference_mismatch_count": int(ref_bad.sum()),
             "oracle_nonfinite_count": int((~np.isfinite(oracle)).sum()),
+            "shared_count": int(shared.sum()),
+            "shared_first": _first_positions(shared),
         }
         dtype_max = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max if dtype == "bfloat16"
                           else np.finfo(dtype).max)
@@ -258,8 +306,13 @@ def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
         out.verdict = "fail"
         out.reason = (f"{kind} at {n_bad} position(s) where the oracle differs, first at "
                       f"{out.nonfinite['port_mismatch_first'][0]}")
+    elif not ok.any() and shared.any():
+        out.verdict, out.reason = "unavailable", not_comparable_reason(int(shared.sum()), oracle.size)
     elif not ok.any():
         out.verdict, out.reason = "fail", "no finite values to compare on every side"
+    elif not port.any() and not reference.any() and not oracle.any():
+        out.verdict, out.reason = "unavailable", ALL_ZERO_REASON
+        out.ratio = out.ratio_max = math.nan  # 0 / floor: a ratio that measured nothing
     elif reference_implausible(out.ref_rel_error, dtype):
         out.verdict = "fail"
         ref_limit = tolerance(dtype, "reference_rel_error_max").budget
@@ -281,6 +334,8 @@ def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
                       f"{list(out.worst_index)} is {out.ratio_max:.1f}x the reference's worst element "
                       f"{out.max_err_ref:.3g} (guard {max_budget:g}x) while the RMS ratio is "
                       f"{out.ratio:.2f}x")
+    if shared.any() and out.verdict in ("pass", "fail"):
+        out.reason += f"; {not_comparable_reason(int(shared.sum()), oracle.size)}"
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from equiv.errors import EquivError, first_line
+from equiv.errors import EquivError, first_line, quote
 
 
 class PortError(EquivError):
@@ -89,6 +89,15 @@ class LoadedModel(Protocol):
 
     def generate(self, prompt: np.ndarray, mask: np.ndarray | None, max_new_tokens: int,
                  eos_id: int | None = None) -> GenerateResult: ...
+
+    # Optional, and every port should provide it (not declared here, so a model without it still
+    # satisfies isinstance checks): `memory_estimate(batch, seq_len) -> int`, the bytes its largest
+    # forward of (batch, seq_len) tokens holds at its peak (activations, taps, the algorithm's
+    # intermediates), and `memory_detail(batch, seq_len) -> str`, what dominates that figure. The
+    # harness checks the estimate against the machine's memory before anything of that size is
+    # allocated (equiv/memory.py), so a size too large for the machine is one line, not an
+    # allocation failure deep in XLA or torch. Without it only the logits the harness itself holds
+    # bound the run. The built-in Mamba-2 port's is equiv/mamba2/footprint.py.
 
 
 MEMBERS = {  # what each use of a loaded model needs, and what it is (for the one-line error)
@@ -169,33 +178,39 @@ def _registered(spec: str, family):
 
 def resolve_port(spec: str, family=None) -> Port:
     """A registered name (`builtin`: the family's own port) or `module:attr` -> a Port instance.
-    `family` (an equiv.families.Family) picks among same-named ports. Errors name what was expected."""
+    `family` (an equiv.families.Family) picks among same-named ports. Errors name what was expected.
+    A `module:attr` plug-in comes back wrapped (equiv/plugins.py): every call into it is checked."""
+    from equiv.plugins import PLUGIN_EXCEPTIONS, CheckedPort, call, member
+
     target = _registered(spec, family) or spec
     if ":" not in target:
-        raise PortError(f"port: expected one of {port_names(family)} or 'module:attr', got {spec!r}")
+        raise PortError(f"port: expected one of {port_names(family)} or 'module:attr', got {quote(spec)}")
     module_name, attr = target.split(":", 1)
+    who = f"port {quote(spec)}"
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         hint = (f" (install the optional extra: pip install 'ssm-equiv[{spec}]')"
                 if target != spec and spec != "builtin" else "")
-        raise PortError(f"port {spec!r}: cannot import module {module_name!r}: {e}{hint}") from None
-    try:
-        obj = getattr(module, attr)
-    except AttributeError:
-        raise PortError(f"port {spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-    if isinstance(obj, type) or (callable(obj) and not isinstance(obj, Port)):
-        try:
-            obj = obj()
-        except TypeError as e:
-            raise PortError(f"port {spec!r}: {attr} must be a Port or take no arguments ({e})") from None
-        except EquivError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a factory's own failure, named, not a traceback
-            raise PortError(f"port {spec!r}: calling {attr}() raised {type(e).__name__}: "
-                            f"{first_line(e)}") from None
-    port = obj
-    if not isinstance(port, Port):
-        raise PortError(f"port {spec!r}: expected an object with .name and .load(checkpoint_dir, dtype), "
-                        f"got {type(port).__name__}")
-    return port
+        raise PortError(f"{who}: cannot import module {quote(module_name)}: {first_line(e, 200)}"
+                        f"{hint}") from None
+    except PLUGIN_EXCEPTIONS as e:  # importing runs the plug-in's module code
+        raise PortError(f"{who}: importing {quote(module_name)} raised {type(e).__name__}: "
+                        f"{first_line(e, 200)}") from None
+    obj = member(who, module, attr)
+    if obj is None:
+        raise PortError(f"{who}: module {quote(module_name)} has no attribute {quote(attr)}")
+    plugin = target == spec  # given as module:attr, not registered by a family: not our code
+    if isinstance(obj, type) or (callable(obj) and not _is_port(who, obj)):
+        obj = call(who, f"calling {attr}()", obj)
+    if not _is_port(who, obj):
+        raise PortError(f"{who}: expected an object with .name and .load(checkpoint_dir, dtype), "
+                        f"got {type(obj).__name__}")
+    return CheckedPort(who, obj, spec) if plugin else obj
+
+
+def _is_port(who: str, obj) -> bool:
+    """The Port protocol, each member read guarded (a hostile __getattr__ is not a traceback)."""
+    from equiv.plugins import member
+
+    return member(who, obj, "name") is not None and callable(member(who, obj, "load"))

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from equiv.compare import max_error_guard, reference_implausible, tolerance
+from equiv.compare import max_error_guard, not_compared_kind, reference_implausible, tolerance
 from equiv.layerwise import LayerwiseResult
 from equiv.layerwise import format_ratio as _layerwise_ratio
 
@@ -242,34 +242,65 @@ def reference_label(provenance: dict) -> tuple[str, str]:
 def coverage(result: LayerwiseResult) -> dict:
     """Counts over `result.taps`: `total`; `compared` (verdict pass or fail) with its `pass` and
     `fail`; and the taps not compared, by why: `reference_only` (the port does not produce them),
-    `port_only` (the reference does not), `other` (both sides list them but one could not give
-    it, e.g. a port without isolated mode). `compared_names` in execution order."""
+    `port_only` (the reference does not), `all_zero` (every value exactly zero on every side: a
+    zero port would 'pass' untested), `not_comparable` (every element non-finite identically on
+    the port and the reference), `other` (both sides list them but one could not give it, e.g. a
+    port without isolated mode). `compared_names` in execution order; `all_zero_names`,
+    `not_comparable_names`; `partial_names`: compared taps with some elements not comparable, and
+    `partial_elements` their count."""
     port_only, ref_only = set(result.port_only), set(result.reference_only)
     compared = [t.name for t in result.taps if t.verdict in ("pass", "fail")]
     fails = sum(t.verdict == "fail" for t in result.taps)
+    kinds = {t.name: not_compared_kind(t) for t in result.taps}
+    zero = [n for n, k in kinds.items() if k == "all zero"]
+    nonfinite = [n for n, k in kinds.items() if k == "non-finite on both"]
+    partial = [t for t in result.taps if t.verdict in ("pass", "fail") and t.nonfinite.get("shared_count")]
     return {"total": len(result.taps), "compared": len(compared), "pass": len(compared) - fails,
             "fail": fails, "compared_names": compared,
             "reference_only": sum(t.name in ref_only for t in result.taps if t.verdict == "unavailable"),
             "port_only": sum(t.name in port_only for t in result.taps if t.verdict == "unavailable"),
+            "all_zero": len(zero), "all_zero_names": zero,
+            "not_comparable": len(nonfinite), "not_comparable_names": nonfinite,
+            "partial_names": [t.name for t in partial],
+            "partial_elements": sum(t.nonfinite["shared_count"] for t in partial),
             "other": sum(t.verdict == "unavailable" and t.name not in port_only | ref_only
-                         for t in result.taps)}
+                         and not kinds[t.name] for t in result.taps)}
+
+
+def _names(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def coverage_phrase(result: LayerwiseResult) -> str:
-    """'all 12 taps compared', '1 of 17 taps compared (logits only; 16 not produced by the port)'."""
+    """'all 12 taps compared', '1 of 17 taps compared (logits only; 16 not produced by the port)',
+    '0 of 17 taps compared (17 all zero on every side, nothing to compare: embed, ...)'; taps
+    compared only in part (elements non-finite identically on both sides) are said too."""
     c = coverage(result)
-    if c["compared"] == c["total"]:
-        return f"all {c['total']} tap{'s' if c['total'] != 1 else ''} compared"
     why = []
-    if 0 < c["compared"] <= 3:
+    if c["compared"] < c["total"] and 0 < c["compared"] <= 3:
         names = c["compared_names"]
         why.append((", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " only")
     for key, words in (("reference_only", "not produced by the port"),
-                       ("port_only", "not produced by the reference"),
-                       ("other", "unavailable on a side")):
+                       ("port_only", "not produced by the reference")):
         if c[key]:
             why.append(f"{c[key]} {words}")
-    return f"{c['compared']} of {c['total']} taps compared ({'; '.join(why)})"
+    if c["all_zero"]:
+        why.append(f"{c['all_zero']} all zero on every side, nothing to compare: "
+                   f"{_names(c['all_zero_names'])}")
+    if c["not_comparable"]:
+        why.append(f"{c['not_comparable']} not comparable, non-finite identically on the port and the "
+                   f"reference: {_names(c['not_comparable_names'])}")
+    if c["other"]:
+        why.append(f"{c['other']} unavailable on a side")
+    if c["partial_names"]:
+        n = len(c["partial_names"])
+        why.append(f"{n} compared only in part, {c['partial_elements']} elements non-finite identically "
+                   f"on the port and the reference: {_names(c['partial_names'])}")
+    if c["compared"] == c["total"]:
+        head = f"all {c['total']} tap{'s' if c['total'] != 1 else ''} compared"
+    else:
+        head = f"{c['compared']} of {c['total']} taps compared"
+    return head + (f" ({'; '.join(why)})" if why else "")
 
 
 def summary_line(result: LayerwiseResult) -> str:

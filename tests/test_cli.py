@@ -119,8 +119,8 @@ def test_port_without_isolated_mode_exits_2(capsys, good):
      ["reference 'no_such_mod:f'", "No module named"]),
     (["diff", "{missing}", *FAKE], ["checkpoint: expected a directory", "no such path"]),
     # config.json is read strictly once, to choose the family
-    (["diff", "{no_config}"], ["config.json: expected a config.json, the file does not exist"]),
-    (["diff", "{bad_json}"], ["config.json: expected a valid JSON config.json", "JSONDecodeError"]),
+    (["diff", "{no_config}"], ["config.json': expected a config.json, got nothing: the file does not exist"]),
+    (["diff", "{bad_json}"], ["config.json': expected a config.json as valid JSON", "JSONDecodeError"]),
     (["diff", "{no_vocab}"], ["expected a checkpoint of a known family", "got neither a model_type"]),
     (["diff", "{good}", "--port", "tests.test_cli:port_without_vocab_size", "--reference",
       "tests.fake_port:load_fake_reference"], ["does not follow the port protocol v1", "vocab_size (an int"]),
@@ -221,7 +221,18 @@ def test_any_exception_is_one_line_and_exit_2_traceback_only_with_debug(capsys, 
     argv = ["diff", str(good), "--port", "tests.test_cli:raising_port_factory",
             "--reference", "tests.fake_port:load_fake_reference"]
     code, _, err = run_cli(capsys, *argv)
-    assert code == 2
-    assert_one_line_error(err, "equiv diff failed with TypeError: Func() is not a Python function", "--debug")
+    assert code == 2  # a plug-in's own exception is named with the plug-in and the call
+    assert_one_line_error(err, "port 'tests.test_cli:raising_port_factory': load(",
+                          "raised TypeError: Func() is not a Python function")
     code, _, err = run_cli(capsys, *argv, "--debug")  # accepted anywhere on the line
     assert code == 2 and "Traceback (most recent call last)" in err and "raise TypeError" in err
+
+
+def test_an_exception_no_layer_names_is_one_line_saying_so(capsys, good, monkeypatch):
+    def broken(*args):
+        raise TypeError("Func() is not a Python function")
+
+    monkeypatch.setattr("equiv.cli.random_ids", broken)
+    code, _, err = run_cli(capsys, "diff", good, *FAKE)
+    assert code == 2
+    assert_one_line_error(err, "equiv diff failed with TypeError: Func() is not a Python function", "--debug")

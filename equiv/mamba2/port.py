@@ -20,6 +20,7 @@ from equiv.inputs import check_tokens
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.convert import load_checkpoint
+from equiv.mamba2.footprint import dominant_term, forward_bytes
 from equiv.mamba2.generate import decode_step_jit, generate, prefill
 from equiv.mamba2.taps import tap_names
 from equiv.ports import GenerateResult, PortInfo
@@ -63,6 +64,15 @@ class Mamba2Model:
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "dtype": self.dtype, "jax_default_matmul_precision": self.precision,
             "chunk_size": self.cfg.chunk_size, "checkpoint_format": self.format, "checkpoint": self.source})
+
+    def memory_estimate(self, batch: int, seq_len: int) -> int:
+        """Bytes of the largest forward of (batch, seq_len) tokens (equiv/mamba2/footprint.py); the
+        torch reference runs the same computation, so the same figure bounds it."""
+        return forward_bytes(self.cfg, batch, seq_len)
+
+    def memory_detail(self, batch: int, seq_len: int) -> str:
+        """What dominates `memory_estimate`, for the harness's refusal."""
+        return dominant_term(self.cfg, batch, seq_len)
 
     def _check(self, ids, mask):
         return check_tokens(ids, self.cfg.vocab_size, mask)
