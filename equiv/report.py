@@ -8,7 +8,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from equiv.errors import EquivError, ReportWriteError
+from equiv.errors import EquivError, ReportWriteError, clip, quote_path
+from equiv.io.bounded import json_type, read_json
 from equiv.layerwise import LayerwiseResult
 from equiv.report_wording import (
     by_severity,
@@ -125,13 +126,11 @@ def to_json(result: LayerwiseResult) -> str:
 
 def read_report(path) -> dict:
     """Load a report.json, checking it is this schema and a version this code reads."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise EquivError(f"report {path}: expected a readable JSON file, got {e}") from None
-    got = (data.get("schema"), data.get("schema_version")) if isinstance(data, dict) else type(data).__name__
+    data = read_json(path, "a report.json (readable JSON)", 256 * 2**20)  # bounded, one-line errors
+    got = (data.get("schema"), data.get("schema_version")) if isinstance(data, dict) else json_type(data)
     if got != (SCHEMA, SCHEMA_VERSION):
-        raise EquivError(f"report {path}: expected schema {SCHEMA!r} version {SCHEMA_VERSION}, got {got}")
+        raise EquivError(f"report {quote_path(path)}: expected schema {SCHEMA!r} version {SCHEMA_VERSION}, "
+                         f"got {clip(repr(got), 60)}")
     return data
 
 

@@ -13,6 +13,8 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
+from equiv.io.bounded import read_text
+
 TOML = Path(__file__).with_name("tested_versions.toml")
 
 VERDICT_PACKAGES = ("transformers", "torch", "mamba-ssm", "jax", "jaxlib", "numpy", "ml-dtypes",
@@ -23,7 +25,7 @@ VERDICT_PACKAGES = ("transformers", "torch", "mamba-ssm", "jax", "jaxlib", "nump
 @cache
 def tested() -> dict:
     """{"transformers": {"supported": [...], "dependencies": {...}}, "pins": {...}, "tools": {...}}."""
-    return tomllib.loads(TOML.read_text())
+    return tomllib.loads(read_text(TOML, "the tested-versions file", 1 << 20))
 
 
 def supported_transformers() -> list[str]:
