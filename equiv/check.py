@@ -148,11 +148,11 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
     check_loaded_model(model, port_name, uses=("layer-wise diff", "decode match"))
     require_memory(model, port_name, *plan_extent(model.decode_lengths),
                    f"{name}: the inputs its decode_lengths {tuple(model.decode_lengths)[:4]} imply")
-    reference, oracle = load_ref(path, "float32"), load_ref(path, "float64")
     plan = plan_for(path, int(model.vocab_size), model.decode_lengths)
     for ids, _ in plan.decode_batches:
         require_memory(model, port_name, ids.shape[0], ids.shape[1] + plan.max_new_tokens,
                        f"{name}: a decode batch of {ids.shape[0]} x {ids.shape[1]} tokens")
+    reference, oracle = load_ref(path, "float32"), load_ref(path, "float64")
     for mode in ("accumulated", "isolated"):
         progress(f"[{name}] layer-wise diff, {mode}")
         out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode,

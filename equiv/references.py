@@ -46,12 +46,12 @@ def load_reference(name: str | None, checkpoint_dir: str | Path, dtype: str = "f
     if name not in fam.references:
         raise ReferenceUnavailable(f"reference for {fam.title}: expected one of {reference_names(fam)} or "
                                    f"'module:attr', got {quote(name)}")
+    preflight(checkpoint_dir)  # the library reads the directory with no limits: bound it first
     try:
         loader = import_attr(fam.references[name], f"reference {name!r}")
     except EquivError as e:
         raise ReferenceUnavailable(f"{e}; the references need torch: "
                                    "pip install 'ssm-equiv[reference]'") from None
-    preflight(checkpoint_dir)  # the library reads the directory with no limits: bound it first
     return loader(checkpoint_dir, dtype, threads=threads, device=device)
 
 

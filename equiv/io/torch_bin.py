@@ -109,13 +109,6 @@ def _torch_refusal(path, e: Exception) -> CheckpointError:
 
 def read_torch_bin(path) -> dict[str, np.ndarray]:
     """A pickle checkpoint's tensors as numpy arrays, through the checks of this module's docstring."""
-    try:
-        import pickle
-
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{quote_path(path)}: expected torch to read a .bin checkpoint (pip install "
-                              "torch); prefer safetensors, which needs nothing") from None
     with open_regular(path, "a torch checkpoint", CheckpointError) as f:
         size = os.fstat(f.fileno()).st_size
         zipped = f.read(2) == b"PK" or zipfile.is_zipfile(f)  # a damaged archive still starts with PK
@@ -124,6 +117,13 @@ def read_torch_bin(path) -> dict[str, np.ndarray]:
             _refuse_bare_pickle(f, path, size)
         check_archive(f, path, size)
         f.seek(0)
+        try:  # only now: a refused file never costs torch's import
+            import pickle
+
+            import torch
+        except ImportError:
+            raise CheckpointError(f"{quote_path(path)}: expected torch to read a .bin checkpoint (pip "
+                                  "install torch); prefer safetensors, which needs nothing") from None
         try:
             with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": we report the outcome
                 warnings.simplefilter("ignore", UserWarning)
