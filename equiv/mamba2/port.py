@@ -80,7 +80,7 @@ class Mamba2Model:
     def forward(self, ids, mask=None, taps=True) -> dict[str, np.ndarray]:
         ids, mask = self._check(ids, mask)
         with jax.default_matmul_precision(self.precision):
-            out = _forward_jit(self.params, self.cfg, ids, mask, taps)
+            out = self._forward_device(ids, mask, taps)
         return {k: np.asarray(v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v)
                 for k, v in out.items()}
 
@@ -98,12 +98,11 @@ class Mamba2Model:
         with jax.default_matmul_precision(self.precision):
             out["embed"] = np.asarray(m.embed(self.params, jnp.asarray(ids)).astype(jnp.float32))
             for i in range(cfg.n_layers):
-                lp = self.params["layers"][i]
                 prev = "embed" if i == 0 else f"layers.{i - 1}"
                 t = f"layers.{i}"
                 mixer = [get(f"{t}.mixer.{o}") for o in ("in_proj", "conv", "ssm", "gated_norm", "out_proj")]
-                res = _isolated_layer(cfg, lp, get(prev, resid if i else dt), get(f"{t}.norm"), *mixer,
-                                      None if mask is None else jnp.asarray(mask))
+                res = self._isolated_device(i, get(prev, resid if i else dt), get(f"{t}.norm"), *mixer,
+                                            None if mask is None else jnp.asarray(mask))
                 for k, v in res.items():
                     out[f"{t}.{k}" if k else t] = np.asarray(v.astype(jnp.float32))
             last = get(f"layers.{cfg.n_layers - 1}", resid)
@@ -118,11 +117,10 @@ class Mamba2Model:
         if not 1 <= prompt_len <= ids.shape[1]:
             raise EquivError(f"prompt_len: expected 1 <= prompt_len <= l={ids.shape[1]}, got {prompt_len}")
         with jax.default_matmul_precision(self.precision):
-            logits, cache = prefill(self.params, self.cfg, ids[:, :prompt_len],
-                                    None if mask is None else mask[:, :prompt_len])
+            logits, cache = self._prefill(ids[:, :prompt_len], None if mask is None else mask[:, :prompt_len])
             steps = [np.asarray(logits, np.float32)]
             for t in range(prompt_len, ids.shape[1]):
-                logits, cache = decode_step_jit(self.params, self.cfg, cache, jnp.asarray(ids[:, t]))
+                logits, cache = self._decode_step(cache, ids[:, t])
                 steps.append(np.asarray(logits, np.float32))
         return np.stack(steps, axis=1)
 
@@ -131,9 +129,26 @@ class Mamba2Model:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise EquivError(f"max_new_tokens: expected an int >= 1, got {max_new_tokens!r}")
         with jax.default_matmul_precision(self.precision):
-            tokens, margins, steps, _ = generate(self.params, self.cfg, prompt, mask, max_new_tokens, eos_id)
+            tokens, margins, steps, _ = self._generate(prompt, mask, max_new_tokens, eos_id)
         steps = int(steps)
         return GenerateResult(np.asarray(tokens)[:, :steps], np.asarray(margins)[:, :steps], steps)
+
+    # Where computation is placed: inputs are checked host arrays, outputs device or host arrays. A
+    # subclass runs the same model over a device mesh (equiv/mamba2/sharding.py) by overriding these.
+    def _forward_device(self, ids, mask, taps):
+        return _forward_jit(self.params, self.cfg, ids, mask, taps)
+
+    def _isolated_device(self, i, *inputs):
+        return _isolated_layer(self.cfg, self.params["layers"][i], *inputs)
+
+    def _prefill(self, ids, mask):
+        return prefill(self.params, self.cfg, ids, mask)
+
+    def _decode_step(self, cache, tokens):
+        return decode_step_jit(self.params, self.cfg, cache, jnp.asarray(tokens))
+
+    def _generate(self, prompt, mask, max_new_tokens, eos_id):
+        return generate(self.params, self.cfg, prompt, mask, max_new_tokens, eos_id)
 
 
 def with_split_projections(params: dict) -> dict:
