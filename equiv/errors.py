@@ -3,7 +3,7 @@ only know ValueError still catch them; the CLI turns each into one line and exit
 helpers every message uses to show an untrusted string (quote, quote_path, one_line)."""
 
 import os
-import re
+import unicodedata
 
 
 class EquivError(ValueError):
@@ -92,13 +92,20 @@ def quote_path(path) -> str:
     return quote(text, keep=80)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_UNSAFE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp")  # controls, bidi/format, separators, unassigned
+
+
+def _escape(c: str) -> str:
+    return c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _UNSAFE else c
 
 
 def one_line(message: str, limit: int = 2000) -> str:
-    """The last guard before a message reaches the terminal: control characters escaped (so the
-    line stays one line and no escape sequence runs), shortened in the middle past `limit`."""
-    text = _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(message))
+    """The last guard before a message reaches the terminal: control, format (bidi override) and
+    separator characters escaped (so the line stays one line, reads in order, and no escape sequence
+    runs), shortened in the middle past `limit`."""
+    text = str(message)
+    if not text.isprintable():
+        text = "".join(map(_escape, text))
     if len(text) > limit:
         text = f"{text[:limit // 2]} ... {text[-limit // 2:]}"
     return text

@@ -135,7 +135,8 @@ def check_loaded_model(model, port_name: str, uses=("layer-wise diff",)) -> None
     problems = [f"{member} ({what})" for use in uses for member, what in MEMBERS[use].items()
                 if _malformed(model, member)]
     if problems:
-        raise PortError(f"port {port_name!r}: its loaded model ({type(model).__name__}) does not follow "
+        shown = type(model.__dict__.get("_inner", model) if hasattr(model, "__dict__") else model).__name__
+        raise PortError(f"port {quote(port_name)}: its loaded model ({shown}) does not follow "
                         f"the port protocol v{PROTOCOL_VERSION} (equiv/ports.py) for the "
                         f"{' and '.join(uses)}: expected " + "; ".join(problems))
 

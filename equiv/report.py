@@ -201,19 +201,23 @@ def _write(path: Path, data: str | bytes) -> None:
     try:
         path.write_bytes(data) if isinstance(data, bytes) else path.write_text(data, encoding="utf-8")
     except OSError as e:
-        raise ReportWriteError(f"report file {path}: cannot write ({e.strerror or e})") from None
+        raise ReportWriteError(f"report file {quote_path(path)}: cannot write ({e.strerror or e})") from None
 
 
 def prepare_out_dir(out_dir) -> Path:
     """Create `out_dir` (and parents) or raise ReportWriteError; callers run it before long work
     too, so a typo in --out fails in a second, not after the forwards."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ReportWriteError(f"report directory {out}: expected a directory, got a file")
     try:
+        if out.exists() and not out.is_dir():
+            raise ReportWriteError(f"report directory {quote_path(out)}: expected a directory, got a file")
         out.mkdir(parents=True, exist_ok=True)
+    except ValueError:  # a NUL byte
+        raise ReportWriteError(f"report directory {quote_path(out)}: expected a directory path, got one "
+                               "with a NUL byte") from None
     except OSError as e:
-        raise ReportWriteError(f"report directory {out}: cannot create ({e.strerror or e})") from None
+        raise ReportWriteError(f"report directory {quote_path(out)}: cannot create "
+                               f"({e.strerror or e})") from None
     return out
 
 

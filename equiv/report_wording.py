@@ -294,7 +294,8 @@ def coverage_phrase(result: LayerwiseResult) -> str:
         why.append(f"{c['other']} unavailable on a side")
     if c["partial_names"]:
         n = len(c["partial_names"])
-        why.append(f"{n} compared only in part, {c['partial_elements']} elements non-finite identically "
+        k = c["partial_elements"]
+        why.append(f"{n} compared only in part, {k} element{'s' if k != 1 else ''} non-finite identically "
                    f"on the port and the reference: {_names(c['partial_names'])}")
     if c["compared"] == c["total"]:
         head = f"all {c['total']} tap{'s' if c['total'] != 1 else ''} compared"

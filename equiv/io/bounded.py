@@ -196,7 +196,7 @@ def read_json_object_file(path, what: str, limit: int = MAX_JSON_BYTES, error=Eq
     list' (or null, a number, ...)."""
     raw = read_json(path, what, limit, error, max_depth)
     if not isinstance(raw, dict):
-        raise error(f"{quote_path(path)}: expected {what} as a JSON object, got {json_type(raw)}")
+        raise error(f"{quote_path(path)}: expected a JSON object, got {json_type(raw)}")
     return raw
 
 
