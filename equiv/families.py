@@ -53,6 +53,9 @@ class Family:
     fixture_builders: tuple[str, ...] = ()  # modules run as `python -m MODULE --out fixtures`
     trained_fixtures: dict[str, str] = field(default_factory=dict)  # fixture name -> its trainer module
     notes: dict[str, str] = field(default_factory=dict)
+    # layer streaming (equiv/stream/protocol.py): "port" -> 'module:attr' of the built-in port's stage
+    # factory, "reference" -> the default reference's (float64: the oracle); empty: in memory only
+    streaming: dict[str, str] = field(default_factory=dict)
 
 
 class UnknownFamily(ConfigError):
