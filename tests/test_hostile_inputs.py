@@ -676,3 +676,65 @@ def test_no_file_is_read_outside_the_bounded_reader():
             continue
         found += [f"{rel}:{n}: {code.strip()}" for n, code in _code_lines(path) if RAW_READ.search(code)]
     assert not found, "files read outside equiv/io/bounded.py:\n" + "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison rules behind two classes, on arrays
+
+
+def _triple(seed=0):
+    rng = np.random.default_rng(seed)
+    oracle = rng.standard_normal((2, 5, 3))
+    reference = (oracle + 1e-7 * rng.standard_normal(oracle.shape)).astype(np.float32)
+    port = (oracle + 1e-7 * rng.standard_normal(oracle.shape)).astype(np.float32)
+    return port, reference, oracle
+
+
+def test_identical_nonfinite_on_port_and_reference_is_not_comparable_there():
+    from equiv.compare import compare_tap, not_compared_kind
+
+    port, reference, oracle = _triple()
+    for pos, value in (((0, 1, 2), np.inf), ((1, 3, 0), -np.inf), ((1, 4, 1), np.nan)):
+        port[pos] = reference[pos] = value  # the float64 oracle stays finite there
+    t = compare_tap("t", port, reference, oracle)
+    assert t.verdict == "pass" and t.nonfinite["shared_count"] == 3
+    assert t.nonfinite["port_mismatch_count"] == 0
+    assert "not comparable at 3 of 30 elements" in t.reason  # said, never a silent pass
+    port[:], reference[:] = np.nan, np.nan
+    t = compare_tap("t", port, reference, oracle)
+    assert t.verdict == "unavailable" and not_compared_kind(t) == "non-finite on both"
+    assert "not comparable at every element" in t.reason
+
+
+def test_a_port_only_or_different_nonfinite_is_still_the_ports_defect():
+    from equiv.compare import compare_tap
+
+    port, reference, oracle = _triple()
+    port[0, 0, 0] = np.nan
+    port[0, 0, 1], reference[0, 0, 1] = np.inf, -np.inf  # both overflowed, not the same way
+    t = compare_tap("t", port, reference, oracle)
+    assert t.verdict == "fail" and t.nonfinite["port_mismatch_count"] == 2
+    assert t.nonfinite["shared_count"] == 0
+
+
+def test_an_inf_that_is_the_correctly_rounded_value_agrees_with_the_oracle():
+    """Beyond float32's range the correctly rounded result is inf: a port that gives it is right."""
+    from equiv.compare import compare_tap
+
+    port, reference, oracle = _triple()
+    oracle[0, 0, 0] = 1e39
+    port[0, 0, 0] = np.inf
+    reference[0, 0, 0] = np.float32(3.4e38)
+    t = compare_tap("t", port, reference, oracle)
+    assert t.nonfinite["port_mismatch_count"] == 0 and t.verdict == "pass"
+
+
+def test_all_zero_taps_compare_nothing():
+    from equiv.compare import ALL_ZERO_REASON, compare_tap, not_compared_kind
+
+    zeros = np.zeros((2, 3, 4))
+    t = compare_tap("t", zeros.astype(np.float32), zeros.astype(np.float32), zeros)
+    assert t.verdict == "unavailable" and t.reason == ALL_ZERO_REASON and not_compared_kind(t) == "all zero"
+    port = zeros.astype(np.float32)
+    port[0, 0, 0] = 1e-3  # a port that is not zero where the reference is: compared, and it fails
+    assert compare_tap("t", port, zeros.astype(np.float32), zeros).verdict == "fail"
