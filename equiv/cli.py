@@ -2,7 +2,7 @@
 
     equiv diff CHECKPOINT [--port NAME|module:attr] [--reference NAME|module:attr]
                [--dtype float32|bfloat16] [--seq-len N] [--batch N] [--seed N]
-               [--mode accumulated|isolated] [--budget X] [--out DIR]
+               [--mode accumulated|isolated] [--budget X] [--out DIR] [--mesh MODEL|DATAxMODEL]
 
 Exit codes: 0 equivalent, 1 divergence found, 2 usage or input error (one line on stderr, no
 traceback; also when no tap could be compared at all, and for any other exception: what failed,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import re
 import sys
 import threading
 import time
@@ -166,6 +167,15 @@ def _budget(text: str) -> float:
     return v
 
 
+def _mesh(text: str) -> tuple[int, int]:
+    """'8' -> (data 1, model 8); '2x4' -> (data 2, model 4)."""
+    parts = text.lower().split("x")
+    if len(parts) > 2 or not all(re.fullmatch(r"[0-9]{1,4}", p) and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected MODEL or DATAxMODEL, integers >= 1 (8, 2x4), got "
+                                         f"{text!r}")
+    return (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
+
+
 def _budget_help() -> str:
     """--budget's help, read from the tolerance table so the two cannot drift apart."""
     from equiv.compare import tolerance
@@ -199,6 +209,10 @@ def register_diff(subparsers) -> None:
     p.add_argument("--mode", default="accumulated", choices=("accumulated", "isolated"))
     p.add_argument("--budget", type=_budget, default=None, help=_budget_help())
     p.add_argument("--out", type=Path, default=None, help="write report.json/.md/.html and ratio.png here")
+    p.add_argument("--mesh", type=_mesh, default=None, metavar="MODEL|DATAxMODEL",
+                   help="run the built-in Mamba-2 port sharded over a device mesh (heads over MODEL, the "
+                        "batch over DATA; docs/sharding.md) and compare it with the unsharded port too, "
+                        "layer-wise and in greedy decode (reports of that under OUT/vs-unsharded)")
     p.set_defaults(func=run_diff)
 
 
@@ -215,6 +229,11 @@ def run_diff(args, progress: Progress) -> int:
     progress.stage(f"loading port {args.port}{f' for {fam.title}' if fam else ''} ({args.dtype})")
     model = load_port(args.port, args.checkpoint, args.dtype, fam)
     check_loaded_model(model, args.port)  # protocol v1: a missing member is one line, not a traceback
+    unsharded = None
+    if args.mesh is not None:  # placed before the reference loads: a mesh that cannot run fails at once
+        from equiv.mamba2.sharding import shard
+
+        unsharded, model = model, shard(model, *args.mesh, port=args.port)
     require_memory(model, args.port, args.batch, args.seq_len,
                    f"--batch {args.batch} --seq-len {args.seq_len}")
     ids = random_ids(int(model.vocab_size), args.batch, args.seq_len, args.seed)
@@ -234,6 +253,11 @@ def run_diff(args, progress: Progress) -> int:
     if result.verdict == "inconclusive":
         raise EquivError(f"no tap could be compared: {coverage_phrase(result)}; "
                          + (result.notes[-1] if result.notes else "see the table"))
+    if unsharded is not None:
+        from equiv.mamba2.sharding import diff_against_unsharded
+
+        if not diff_against_unsharded(model, unsharded, oracle, ids, args, progress):
+            return EXIT_DIVERGENT
     return EXIT_DIVERGENT if result.verdict == "divergent" else EXIT_EQUIVALENT
 
 
