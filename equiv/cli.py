@@ -3,6 +3,7 @@
     equiv diff CHECKPOINT [--port NAME|module:attr] [--reference NAME|module:attr]
                [--dtype float32|bfloat16] [--seq-len N] [--batch N] [--seed N]
                [--mode accumulated|isolated] [--budget X] [--out DIR] [--mesh MODEL|DATAxMODEL]
+               [--stream [--decode-steps N]]
 
 Exit codes: 0 equivalent, 1 divergence found, 2 usage or input error (one line on stderr, no
 traceback; also when no tap could be compared at all, and for any other exception: what failed,
@@ -65,7 +66,7 @@ class Progress:
         self._ticker: threading.Thread | None = None
 
     def stage(self, name: str) -> None:
-        name = one_line(name, 300)  # it may name a path or a plug-in: one line, no escape sequences
+        name = one_line(name)  # it may name a path or a plug-in: one line, no escape sequences
         with self._lock:
             self._finish_line()
             self._stage, self._t0 = name, time.monotonic()
@@ -213,6 +214,12 @@ def register_diff(subparsers) -> None:
                    help="run the built-in Mamba-2 port sharded over a device mesh (heads over MODEL, the "
                         "batch over DATA; docs/sharding.md) and compare it with the unsharded port too, "
                         "layer-wise and in greedy decode (reports of that under OUT/vs-unsharded)")
+    p.add_argument("--stream", action="store_true",
+                   help="run layer by layer, one layer's weights per side resident (automatic when the "
+                        "in-memory diff would not fit in memory; docs/streaming.md)")
+    p.add_argument("--decode-steps", type=_positive_int, default=0, metavar="N",
+                   help="with streaming: also the teacher-forced decode match of each sequence's last N "
+                        "tokens")
     p.set_defaults(func=run_diff)
 
 
@@ -226,6 +233,11 @@ def run_diff(args, progress: Progress) -> int:
     if args.out is not None:
         prepare_out_dir(args.out)
     fam = checkpoint_family(args.checkpoint, args.port, args.reference)
+    from equiv.stream.cli import run_streamed_diff, streaming_wanted
+    from equiv.stream.memory import peak_rss_bytes
+
+    if streaming_wanted(args, fam, progress.stage):  # --stream, or an in-memory diff too big to fit
+        return run_streamed_diff(args, fam, progress)
     progress.stage(f"loading port {args.port}{f' for {fam.title}' if fam else ''} ({args.dtype})")
     model = load_port(args.port, args.checkpoint, args.dtype, fam)
     check_loaded_model(model, args.port)  # protocol v1: a missing member is one line, not a traceback
@@ -243,6 +255,7 @@ def run_diff(args, progress: Progress) -> int:
     oracle = load_reference(args.reference, args.checkpoint, "float64", fam)
     result = run_layerwise(model, reference, oracle, ids, None, mode=args.mode, dtype=args.dtype,
                            budget=args.budget, progress=progress.stage, seed=args.seed)
+    result.settings["peak_rss_bytes"] = peak_rss_bytes()
     progress.close()
     sys.stdout.write(terminal_table(result))  # first, so a failing write still shows the result
     sys.stdout.flush()
