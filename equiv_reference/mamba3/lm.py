@@ -155,6 +155,9 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, d
     cfg, _ = load_config(checkpoint_dir)
     model = build(cfg, fused_add_norm(checkpoint_dir), code)
     tensors = read_tensors(checkpoint_dir)
+    if cfg.tie_embeddings and "lm_head.weight" in tensors and "backbone.embedding.weight" in tensors \
+            and np.array_equal(tensors["lm_head.weight"], tensors["backbone.embedding.weight"]):
+        del tensors["lm_head.weight"]  # mamba_ssm's own state_dict writes the tied head too
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
     try:
         model.load_state_dict(state, strict=True)
