@@ -52,14 +52,6 @@ def empty_cache(cfg: Mamba1Config, batch: int, dtype) -> Cache:
 # building blocks
 
 
-MATMUL_K_BLOCK = 256
-
-
-def split_k(w, block: int = MATMUL_K_BLOCK) -> tuple:
-    """A (k, o) weight as a tuple of (<=block, o) row blocks, made once at load (see `linear`)."""
-    return tuple(w[start:start + block] for start in range(0, w.shape[0], block))
-
-
 def linear(x, w, b=None):
     """x @ w (+ b), accumulated in float32 and rounded once to the weight's dtype (torch's CPU
     addmm does the same for bfloat16). `w` is an array or a tuple of K-blocks from `split_k`: then

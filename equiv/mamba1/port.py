@@ -18,6 +18,7 @@ import numpy as np
 import equiv
 from equiv.errors import EquivError
 from equiv.inputs import check_tokens
+from equiv.kblock import for_backend
 from equiv.mamba1 import model as m
 from equiv.mamba1.config import Mamba1Config
 from equiv.mamba1.convert import load_checkpoint
@@ -146,11 +147,7 @@ class Mamba1Model:
         return GenerateResult(np.asarray(tokens)[:, :steps], np.asarray(margins)[:, :steps], steps)
 
 
-def with_split_projections(params: dict) -> dict:
-    """The long-K projections as K-block tuples (equiv.mamba1.model.linear says why)."""
-    split = {"in_proj", "x_proj", "out_proj"}
-    layers = [{k: m.split_k(v) if k in split else v for k, v in lp.items()} for lp in params["layers"]]
-    return params | {"layers": layers}
+PROJECTIONS = ("in_proj", "x_proj", "out_proj")  # K-blocked on CPU (equiv/kblock.py)
 
 
 class Mamba1Port:
@@ -166,5 +163,5 @@ class Mamba1Port:
 
     def load(self, checkpoint_dir: str | Path, dtype: str = "float32") -> Mamba1Model:
         cfg, params, fmt = load_checkpoint(checkpoint_dir, dtype)
-        params = with_split_projections(params)
+        params = for_backend(params, PROJECTIONS)
         return Mamba1Model(cfg, params, dtype, str(checkpoint_dir), fmt, self.precision, self.scan_mode)

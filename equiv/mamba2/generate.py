@@ -12,6 +12,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from equiv.greedy import top2_margin
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.model import Cache, decode_step, forward
 
@@ -32,11 +33,6 @@ def prefill(params, cfg: Mamba2Config, ids, mask=None):
 def decode_step_jit(params, cfg: Mamba2Config, cache: Cache, tokens):
     TRACES["decode_step"] += 1
     return decode_step(params, cfg, cache, tokens)
-
-
-def top2_margin(logits):
-    top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
-    return top[..., 0] - top[..., 1]
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens"), donate_argnames=("cache",))

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from equiv.kblock import MATMUL_K_BLOCK, split_k  # noqa: F401 - the port's weight layout
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.ssd import ssd_chunked, ssd_readout, ssd_step
 
@@ -39,14 +40,6 @@ def empty_cache(cfg: Mamba2Config, batch: int, dtype) -> Cache:
 # building blocks
 
 
-MATMUL_K_BLOCK = 256
-
-
-def split_k(w, block: int = MATMUL_K_BLOCK) -> tuple:
-    """A (k, o) weight as a tuple of (<=block, o) row blocks, made once at load (see `linear`)."""
-    return tuple(w[start:start + block] for start in range(0, w.shape[0], block))
-
-
 def k_spans(w) -> tuple[tuple[int, int], ...] | None:
     """The (start, stop) columns of x that `linear` contracts with each K-block of w; None for an
     unsplit w. Static: the norms take it to produce their output already in blocks."""
@@ -64,16 +57,10 @@ def whole(x):
 
 
 def linear(x, w, b=None):
-    """x @ w (+ b). `w` is an array, or a tuple of K-blocks from `split_k` (how the port stores its
-    projections): then one dot per block, summed in order. `x` is an array, or already a tuple of
-    column blocks matching w's (`k_spans`).
-
-    Why blocks: XLA:CPU's float32 dot accumulates long contractions less accurately than torch's
-    (RMS error vs float64, XLA / torch, measured: 1.67x at K=512, 2.76x at K=1536, 3.2x at K=2048),
-    enough to fail the error budget on deeper models (trained-bytes: 2.81x at layers.3.mixer.ssm in
-    accumulated mode) although every op is right. Dots over K-blocks of 256 summed in order measure
-    0.8-1.15x torch's error. The weight blocks must be separate arrays: slicing one weight inside
-    the jitted graph makes XLA copy it, 5x slower per decode step. The x blocks are best produced by
+    """x @ w (+ b). `w` is an array, or a tuple of K-blocks (equiv/kblock.py: how the port stores its
+    projections on CPU, and why): then one dot per block, summed in order. `x` is an array, or
+    already a tuple of column blocks matching w's (`k_spans`). Without blocks, trained-bytes fails
+    the budget on CPU (2.81x at layers.3.mixer.ssm, accumulated mode). The x blocks are best produced by
     the norm that computes x (rms_norm / gated_rms_norm with spans): slicing a finished x copies it,
     and the 130m prefill measured 0.20 s slower for it (1.07 s against 0.88 s unsplit); produced in
     blocks the split dots cost what one dot costs. Precision comes from the caller's

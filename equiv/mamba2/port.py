@@ -17,6 +17,7 @@ import numpy as np
 import equiv
 from equiv.errors import EquivError
 from equiv.inputs import check_tokens
+from equiv.kblock import for_backend
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.convert import load_checkpoint
@@ -151,11 +152,7 @@ class Mamba2Model:
         return generate(self.params, self.cfg, prompt, mask, max_new_tokens, eos_id)
 
 
-def with_split_projections(params: dict) -> dict:
-    """in_proj / out_proj as K-block tuples (equiv.mamba2.model.linear says why)."""
-    split = {"in_proj", "out_proj"}
-    layers = [{k: m.split_k(v) if k in split else v for k, v in lp.items()} for lp in params["layers"]]
-    return params | {"layers": layers}
+PROJECTIONS = ("in_proj", "out_proj")  # K-blocked on CPU (equiv/kblock.py)
 
 
 class Mamba2Port:
@@ -168,5 +165,5 @@ class Mamba2Port:
 
     def load(self, checkpoint_dir: str | Path, dtype: str = "float32") -> Mamba2Model:
         cfg, params, fmt = load_checkpoint(checkpoint_dir, dtype)
-        params = with_split_projections(params)
+        params = for_backend(params, PROJECTIONS)
         return Mamba2Model(cfg, params, dtype, str(checkpoint_dir), fmt, self.precision)
