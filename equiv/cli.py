@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv.errors import EquivError, first_line, one_line, quote_path
+from equiv.errors import EquivError, first_line, one_line, quote, quote_path
 from equiv.inputs import require_checkpoint_dir
 from equiv.ports import check_loaded_model
 
@@ -142,7 +142,7 @@ def _positive_int(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {quote(text)}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
     return v
@@ -152,7 +152,7 @@ def _seed(text: str) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {quote(text)}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
     return v
@@ -164,7 +164,7 @@ def _budget(text: str) -> float:
     except ValueError:
         v = float("nan")
     if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {quote(text)}")
     return v
 
 
@@ -173,7 +173,7 @@ def _mesh(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     if len(parts) > 2 or not all(re.fullmatch(r"[0-9]{1,4}", p) and int(p) >= 1 for p in parts):
         raise argparse.ArgumentTypeError(f"expected MODEL or DATAxMODEL, integers >= 1 (8, 2x4), got "
-                                         f"{text!r}")
+                                         f"{quote(text)}")
     return (1, int(parts[0])) if len(parts) == 1 else (int(parts[0]), int(parts[1]))
 
 

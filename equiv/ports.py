@@ -166,14 +166,14 @@ def _registered(spec: str, family):
             return family.ports[spec]
         owners = [f.title for f in all_families() if spec in f.ports]
         if owners:
-            raise PortError(f"port {spec!r}: expected a port for {family.title} checkpoints "
+            raise PortError(f"port {quote(spec)}: expected a port for {family.title} checkpoints "
                             f"({', '.join(sorted(family.ports))} or 'module:attr'), got one for "
                             f"{' and '.join(owners)} checkpoints")
         return None
     owners = [f for f in all_families() if spec in f.ports]
     if len(owners) > 1:
-        raise PortError(f"port {spec!r}: every family has one; expected a checkpoint to choose the family "
-                        f"({', '.join(f.name for f in owners)})")
+        raise PortError(f"port {quote(spec)}: every family has one; expected a checkpoint to choose the "
+                        f"family ({', '.join(f.name for f in owners)})")
     return owners[0].ports[spec] if owners else None
 
 
