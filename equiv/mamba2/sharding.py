@@ -417,7 +417,7 @@ ISOLATED_AGAINST_UNSHARDED = (
     "same op: the ratio measures what placing the op on the mesh (its reduction order) costs")
 
 
-class _Remembered:
+class Remembered:
     """A runner whose run() is kept per input, so the float64 oracle runs once for every comparison
     that needs it on the same ids."""
 
@@ -507,7 +507,7 @@ def diff_against_unsharded(sharded, unsharded, oracle, ids, args, progress) -> b
 
     from equiv.report import prepare_out_dir, terminal_table, write_reports
 
-    oracle = _Remembered(oracle)
+    oracle = Remembered(oracle)
     result = against_unsharded(sharded, unsharded, oracle, ids, mode=args.mode, dtype=args.dtype,
                                budget=args.budget, seed=args.seed, progress=progress.stage)
     if result.verdict == "inconclusive":
