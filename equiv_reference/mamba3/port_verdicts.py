@@ -2,12 +2,15 @@
 oracle, with the budget's float32 reference chosen on the command line:
 
     python -m equiv_reference.mamba3.port_verdicts --port equiv.mamba3.mamba3_jax_adapter:Mamba3JaxPort \\
-        [--reference oracle32|mamba_ssm] [--fixture NAME ...] [--seq-len 40] [--seed 0] [--json PATH]
+        [--reference oracle32|mamba_ssm|golden] [--fixture NAME ...] [--seq-len 40] [--seed 0] [--json PATH]
 
 `oracle32` is equiv/mamba3/oracle.py run in float32 (an independent float32 computation, any
 machine). `mamba_ssm` is the kernel reference (equiv_reference/mamba3/runner.py): on a GPU as
 shipped; on CPU (TRITON_INTERPRET=1 in the environment) through the interpreter with its recorded
-adaptations, so there it is the kernels' algorithm in float32, not their GPU numerics.
+adaptations, so there it is the kernels' algorithm in float32, not their GPU numerics. `golden`
+replays what `python -m equiv_reference.mamba3.record_kernels` recorded of the kernels on a GPU
+(fixtures/golden/<fixture>/mamba_ssm-float32.*), for the same inputs (`layerwise_ids`,
+`decode_prompts`), on any machine.
 
 Until the Mamba-3 family is registered, `equiv diff CHECKPOINT --port module:attr --reference
 equiv_reference.mamba3.references:oracle` gives the same layer-wise table; this adds the decode
@@ -38,6 +41,10 @@ def load_reference(kind: str, path: Path):
 
     if kind == "oracle32":
         return Mamba3OracleRunner(path, "float32")
+    if kind == "golden":
+        from equiv.golden import GoldenRunner
+
+        return GoldenRunner(path.parent / "golden" / path.name / "mamba_ssm-float32")
     import os
 
     from equiv_reference.mamba3.runner import Mamba3SsmRunner
@@ -50,6 +57,17 @@ def prompt_lengths(decode_lengths) -> list[int]:
     return sorted({max(1, n + d) for n in decode_lengths for d in (-1, 0, 1)})
 
 
+def layerwise_ids(vocab_size: int, seq_len: int, seed: int) -> np.ndarray:
+    """The layer-wise input (1, seq_len): batch 1, since mamba_ssm takes no mask."""
+    return np.random.default_rng(seed).integers(0, vocab_size, (1, seq_len)).astype(np.int32)
+
+
+def decode_prompts(vocab_size: int, decode_lengths, seed: int) -> list[np.ndarray]:
+    """One (1, P) prompt per P of `prompt_lengths`, drawn in that order."""
+    rng = np.random.default_rng(seed + 1)
+    return [rng.integers(0, vocab_size, (1, P)).astype(np.int32) for P in prompt_lengths(decode_lengths)]
+
+
 def _num(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
@@ -59,8 +77,7 @@ def verdicts(port_spec: str, reference: str, fixture: Path, seq_len: int, seed: 
 
     model = resolve_port(port_spec).load(fixture, "float32")
     ref, oracle = load_reference(reference, fixture), Mamba3OracleRunner(fixture, "float64")
-    ids = np.random.default_rng(seed).integers(0, model.vocab_size, (1, seq_len)).astype(np.int32)
-    lw = run_layerwise(model, ref, oracle, ids, None, seed=seed)
+    lw = run_layerwise(model, ref, oracle, layerwise_ids(model.vocab_size, seq_len, seed), None, seed=seed)
     out = {"fixture": fixture.name, "reference": reference, "layerwise": lw.verdict, "counts": lw.counts,
            "first_divergence": None if lw.first_divergence is None else
            {"tap": lw.first_divergence.tap, "ratio": _num(lw.first_divergence.ratio)},
@@ -68,12 +85,11 @@ def verdicts(port_spec: str, reference: str, fixture: Path, seq_len: int, seed: 
                              "err_port": _num(t.err_port), "err_ref": _num(t.err_ref), "verdict": t.verdict}
                     for t in lw.taps},
            "decode": []}
-    rng = np.random.default_rng(seed + 1)
-    for P in prompt_lengths(model.decode_lengths):
-        prompt = rng.integers(0, model.vocab_size, (1, P)).astype(np.int32)
+    for prompt in decode_prompts(model.vocab_size, model.decode_lengths, seed):
         d = match_greedy(model, ref, oracle, prompt, None, NEW_TOKENS)
-        out["decode"].append({"prompt_len": P, "verdict": d.verdict, "matched": d.matched_steps[0],
-                              "of": d.total_steps[0], "logits_ratio": _num(d.logits.ratio),
+        out["decode"].append({"prompt_len": prompt.shape[1], "verdict": d.verdict,
+                              "matched": d.matched_steps[0], "of": d.total_steps[0],
+                              "logits_ratio": _num(d.logits.ratio),
                               "reference_cached_ratio": _num(d.reference_consistency.ratio),
                               "classes": [m.classification for m in d.mismatches]})
     return out
@@ -82,7 +98,7 @@ def verdicts(port_spec: str, reference: str, fixture: Path, seq_len: int, seed: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", required=True, help="module:attr of a Port")
-    ap.add_argument("--reference", choices=("oracle32", "mamba_ssm"), default="oracle32")
+    ap.add_argument("--reference", choices=("oracle32", "mamba_ssm", "golden"), default="oracle32")
     ap.add_argument("--fixture", action="append", dest="fixtures", help="fixture name (default: all three)")
     ap.add_argument("--fixtures-root", type=Path, default=Path("fixtures"))
     ap.add_argument("--seq-len", type=int, default=40)
