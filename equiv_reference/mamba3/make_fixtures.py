@@ -121,8 +121,18 @@ def weights(cfg: Mamba3Config, rng: np.random.Generator, dt_range=(1e-3, 1e-1)) 
 
 
 def fixture_versions() -> dict:
-    """The packages whose version can change a fixture's bytes."""
-    return {"python": platform.python_version(), "numpy": np.__version__}
+    """numpy makes the bytes; torch, transformers and mamba_ssm (the layout check's environment, and what
+    every fixture of the suite records) are read from their metadata, None when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(dist):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "torch": installed("torch"),
+            "transformers": installed("transformers"), "mamba_ssm": installed("mamba-ssm")}
 
 
 def generator_record(spec: TinySpec) -> dict:
