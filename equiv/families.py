@@ -16,7 +16,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from equiv.errors import ConfigError, EquivError
+from equiv.errors import ConfigError, EquivError, quote, quote_path
 
 FAMILIES: dict[str, str] = {
     "mamba2": "equiv.mamba2.family:FAMILY",
@@ -99,14 +99,16 @@ def family_for_config(raw) -> Family:
     """The family of a parsed config.json: by `model_type` (transformers), else by mamba_ssm's
     `ssm_cfg.layer` (absent means Mamba1, as mamba_ssm's create_block reads it)."""
     if not isinstance(raw, dict):
-        raise UnknownFamily(f"config.json: expected a JSON object, got {type(raw).__name__}")
+        got = {list: "a JSON list", type(None): "null", str: "a JSON string", bool: "a JSON boolean"}.get(
+            type(raw), "a JSON number")
+        raise UnknownFamily(f"config.json: expected a JSON object, got {got}")
     if "model_type" in raw:
         found = [f for f in all_families() if raw["model_type"] in f.model_types]
-        got = f"model_type {raw['model_type']!r}"[:120]
+        got = f"model_type {quote(raw['model_type'])}"
     elif isinstance(raw.get("ssm_cfg"), dict):
         layer = raw["ssm_cfg"].get("layer", "Mamba1")
         found = [f for f in all_families() if layer in f.mamba_ssm_layers]
-        got = f"a mamba_ssm config with ssm_cfg.layer {layer!r}"[:120]
+        got = f"a mamba_ssm config with ssm_cfg.layer {quote(layer)}"
     else:
         found, got = [], "neither a model_type nor a mamba_ssm ssm_cfg"
     if not found:
@@ -123,4 +125,4 @@ def family_of_checkpoint(checkpoint_dir: str | Path) -> Family:
     try:
         return family_for_config(raw)
     except UnknownFamily as e:
-        raise UnknownFamily(f"{path}: {str(e).removeprefix('config.json: ')}") from None
+        raise UnknownFamily(f"{quote_path(path)}: {str(e).removeprefix('config.json: ')}") from None

@@ -88,7 +88,9 @@ def test_family_for_config(raw, expected):
     ({"model_type": "llama"}, "got model_type 'llama'"),
     ({"ssm_cfg": {"layer": "Mamba9"}}, "ssm_cfg.layer 'Mamba9'"),
     ({"d_model": 8}, "got neither a model_type nor a mamba_ssm ssm_cfg"),
-    ([1, 2], "expected a JSON object, got list"),
+    ([1, 2], "expected a JSON object, got a JSON list"),
+    (None, "expected a JSON object, got null"),
+    ({"model_type": "x\n\x1b[31m" + "y" * 5000}, "got model_type 'x\\n\\x1b[31myyy"),
 ])
 def test_an_unknown_architecture_is_one_line_naming_every_family(raw, got):
     with pytest.raises(UnknownFamily) as e:

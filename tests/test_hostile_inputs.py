@@ -636,9 +636,7 @@ RAW_READ = re.compile(r"\.read_text\(|\.read_bytes\(|\bjson\.loads?\(|(?<![\w.])
                       r"\btorch\.load\(|\btomllib\.load\(")
 READER_MODULES = {"equiv/io/bounded.py": "the reader itself",
                   "equiv/io/torch_bin.py": "torch.load on the handle the bounded reader opened and checked"}
-NOT_YET_BOUNDED = {  # reads a checkpoint's config.json itself, after equiv.references' preflight bounded it
-    "equiv_reference/mamba1/transformers_runner.py",
-}
+NOT_YET_BOUNDED: set[str] = set()  # every scanned module reads through the bounded reader
 
 
 def _scanned(root: Path) -> list[Path]:

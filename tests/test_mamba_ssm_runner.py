@@ -221,7 +221,8 @@ import equiv_reference.mamba2.mamba_ssm_runner
 from equiv_reference.mamba2.mamba_ssm_model import load_mamba_ssm_model, STUBBED
 mods = load_mamba_ssm_model()
 left = sorted(k for k in sys.modules if k.split('.')[0] in ('mamba_ssm',) + STUBBED)
-from equiv_reference.provenance import DISPATCHED, bound_implementation, import_modeling_mamba2
+from equiv_reference.mamba2.dispatch import DISPATCHED, import_modeling_mamba2
+from equiv_reference.provenance import bound_implementation
 mm = import_modeling_mamba2()
 try:
     importlib.import_module('mamba_ssm')

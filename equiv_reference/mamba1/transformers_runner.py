@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
 from pathlib import Path
 
 import numpy as np
@@ -90,12 +89,10 @@ class ReferenceError(EquivError):
 
 
 def _model_type(checkpoint_dir: Path) -> str:
+    from equiv.io.json_reader import read_json_object
+
     path = checkpoint_dir / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: expected a JSON config, got {type(e).__name__}: "
-                              f"{first_line(e)}") from None
+    raw = read_json_object(path, "config.json", error=CheckpointError)  # bounded, strict
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in CLASSES:
         raise ConfigError(f"{path}: expected model_type 'mamba' or 'falcon_mamba', got {model_type!r}")

@@ -127,7 +127,7 @@ def mamba2_jax_contenders(ckpt: Path, prefill_ids, prompt) -> list[Contender]:
 def transformers_contenders(ckpt: Path, prefill_ids, prompt):
     import torch
 
-    from equiv_reference.provenance import DispatchRecorder, import_modeling_mamba2
+    from equiv_reference.mamba2.dispatch import DispatchRecorder, import_modeling_mamba2
 
     mm = import_modeling_mamba2()
     model = mm.Mamba2ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()

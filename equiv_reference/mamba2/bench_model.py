@@ -73,7 +73,7 @@ def build_bench_checkpoint(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
                 return cache_dir
         except (OSError, ValueError):
             pass
-    from equiv_reference.provenance import import_modeling_mamba2
+    from equiv_reference.mamba2.dispatch import import_modeling_mamba2
 
     mm = import_modeling_mamba2()  # kernel packages hidden: nothing CUDA-bound gets imported
     from transformers import Mamba2Config

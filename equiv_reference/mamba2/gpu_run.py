@@ -58,7 +58,8 @@ def ssd_section(quick: bool) -> list[dict]:
     from equiv.compare import compare_tap
     from equiv.mamba2.ssd import ssd_chunked
     from equiv_reference.mamba2 import ssd_oracles
-    from equiv_reference.provenance import bound_implementation, import_modeling_mamba2
+    from equiv_reference.mamba2.dispatch import import_modeling_mamba2
+    from equiv_reference.provenance import bound_implementation
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -150,24 +151,28 @@ def ssd_section(quick: bool) -> list[dict]:
 def model_section(fixtures_root: Path) -> list[dict]:
     import jax
 
+    from equiv.families import family_of_checkpoint, import_attr
     from equiv.fixtures import list_fixtures
     from equiv.layerwise import run_layerwise
-    from equiv.mamba2.port import Mamba2Port
     from equiv.references import load_reference
 
     rows = []
     for name in list_fixtures():
-        if name == "golden":
-            continue
         path = fixtures_root / name
+        if name == "golden" or not (path / "config.json").is_file():
+            continue
+        fam = family_of_checkpoint(path)  # each family's own port, against its default reference
+        if fam.name not in ("mamba2", "mamba1"):
+            continue
+        port_class = import_attr(fam.ports["builtin"], f"{fam.title} port")
         ref, oracle = (
-            load_reference("transformers", path, "float32"),
-            load_reference("transformers", path, "float64"),
+            load_reference(fam.default_reference, path, "float32", family=fam),
+            load_reference(fam.default_reference, path, "float64", family=fam),
         )
-        cfg_vocab = Mamba2Port().load(path).cfg.vocab_size
+        cfg_vocab = port_class().load(path).vocab_size
         ids = np.random.default_rng(0).integers(0, cfg_vocab, (2, 80)).astype(np.int32)
         for prec in ("highest", "default"):
-            model = Mamba2Port(precision=prec).load(path)
+            model = port_class(precision=prec).load(path)
             for mode in ("accumulated", "isolated"):
                 r = run_layerwise(model, ref, oracle, ids, None, mode=mode)
                 worst = max((t.ratio for t in r.taps if t.ratio == t.ratio), default=float("nan"))

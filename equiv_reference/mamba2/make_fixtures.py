@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from equiv_reference.provenance import import_modeling_mamba2
+from equiv_reference.mamba2.dispatch import import_modeling_mamba2
 
 GENERATOR = "equiv_reference.mamba2.make_fixtures"
 

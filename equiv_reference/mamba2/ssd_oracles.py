@@ -143,7 +143,8 @@ def transformers_chunk_scan_provenance() -> dict:
     module's source), whatever implementation the dispatcher bound at import (`bound`)."""
     import transformers
 
-    from equiv_reference.provenance import bound_implementation, import_modeling_mamba2, torch_body
+    from equiv_reference.mamba2.dispatch import import_modeling_mamba2
+    from equiv_reference.provenance import bound_implementation, torch_body
 
     mm = import_modeling_mamba2()
     _, how = torch_body(mm, "mamba2_chunk_scan")
@@ -169,7 +170,8 @@ def transformers_chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=
     if dtype != torch.float32:
         raise ValueError(f"dtype: transformers' mamba2_chunk_scan computes in float32 (it calls "
                          f".float() on its inputs); expected torch.float32, got {dtype}")
-    from equiv_reference.provenance import import_modeling_mamba2, torch_body
+    from equiv_reference.mamba2.dispatch import import_modeling_mamba2
+    from equiv_reference.provenance import torch_body
 
     chunk_scan, _ = torch_body(import_modeling_mamba2(), "mamba2_chunk_scan")
     x, dt, A, B, C, D, z, dt_bias, h0 = (_tensor(a, torch.float32) for a in
