@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equiv.errors import CheckpointError, ConfigError, first_line, quote_path
+from equiv.errors import CheckpointError, ConfigError, one_line, quote_path
 from equiv.io.checkpoint_files import read_tensors
 from equiv.io.json_reader import read_json_object
 from equiv.mamba3.config import Mamba3Config
@@ -164,7 +164,7 @@ def load_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32, d
     except RuntimeError as e:
         raise CheckpointError(f"{quote_path(checkpoint_dir)}: expected exactly the tensors of mamba_ssm's "
                               f"Mamba3 layout for this config.json, load_state_dict(strict=True) said: "
-                              f"{first_line(e, 300)}") from None
+                              f"{one_line(str(e), 400)}") from None
     return to_dtype(model, dtype).to(device=device).eval(), cfg
 
 
