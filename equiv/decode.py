@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from equiv.compare import FLOOR_ULPS, TapComparison, compare_tap, tolerance, ulp_at
+from equiv.errors import EquivError
 
 
 @dataclass
@@ -157,28 +158,40 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
         result.matched_steps.append(valid[i] if k is None else k)
         if k is None or k >= T:
             continue
-        # a broken reference cache must not inflate the rounding bound: then use its full forward
-        ref_k = ref_steps[i, k] if ref_cmp.verdict == "pass" else ref_full[i, k]
-        err_r = float(np.abs(ref_k - oracle_full[i, k]).max())
-        allowed = tolerance(dtype).budget * max(err_r, FLOOR_ULPS * ulp_at(
-            float(np.abs(oracle_full[i, k]).max()), dtype))  # what a correct port may err by here
-        err_p = min(float(np.abs(port_steps[i, k] - oracle_full[i, k]).max()), allowed)
-        bound = tolerance(dtype, "near_tie_factor").budget * (err_p + err_r)
-        ref_margin = _margin(ref_k)
         p_token = port_tok[i][k] if k < len(port_tok[i]) else -1
         r_token = ref_tok[i][k] if k < len(ref_tok[i]) else -1
-        o_token = int(np.argmax(oracle_full[i, k]))
-        if o_token == p_token != r_token and ref_cmp.verdict == "fail":
-            cls = "reference-defect"
-        elif ref_margin <= bound and logits_cmp.verdict == "pass":
-            cls = "near-tie"
-        else:
-            cls = "divergence"
-        result.mismatches.append(Mismatch(
-            row=i, step=k, port_token=p_token, reference_token=r_token,
-            oracle_token=o_token, port_margin=_margin(port_steps[i, k]), reference_margin=ref_margin,
-            logit_error_bound=bound, classification=cls))
+        result.mismatches.append(_classify(i, k, p_token, r_token, port_steps, ref_steps, ref_full,
+                                           oracle_full, logits_cmp, ref_cmp, dtype))
     result.median_reference_margin = float(np.median(margins)) if margins else math.nan
+    return _conclude(result, logits_cmp, ref_cmp, valid)
+
+
+def _classify(i: int, k: int, p_token: int, r_token: int, port_steps, ref_steps, ref_full, oracle_full,
+              logits_cmp: TapComparison, ref_cmp: TapComparison, dtype: str) -> Mismatch:
+    """Row i's token mismatch at step k: near-tie, reference-defect or divergence (module docstring)."""
+    # a broken reference cache must not inflate the rounding bound: then use its full forward
+    ref_k = ref_steps[i, k] if ref_cmp.verdict == "pass" else ref_full[i, k]
+    err_r = float(np.abs(ref_k - oracle_full[i, k]).max())
+    allowed = tolerance(dtype).budget * max(err_r, FLOOR_ULPS * ulp_at(
+        float(np.abs(oracle_full[i, k]).max()), dtype))  # what a correct port may err by here
+    err_p = min(float(np.abs(port_steps[i, k] - oracle_full[i, k]).max()), allowed)
+    bound = tolerance(dtype, "near_tie_factor").budget * (err_p + err_r)
+    ref_margin = _margin(ref_k)
+    o_token = int(np.argmax(oracle_full[i, k]))
+    if o_token == p_token != r_token and ref_cmp.verdict == "fail":
+        cls = "reference-defect"
+    elif ref_margin <= bound and logits_cmp.verdict == "pass":
+        cls = "near-tie"
+    else:
+        cls = "divergence"
+    return Mismatch(row=i, step=k, port_token=p_token, reference_token=r_token, oracle_token=o_token,
+                    port_margin=_margin(port_steps[i, k]), reference_margin=ref_margin,
+                    logit_error_bound=bound, classification=cls)
+
+
+def _conclude(result: DecodeResult, logits_cmp: TapComparison, ref_cmp: TapComparison,
+              valid: list[int]) -> DecodeResult:
+    """The verdict and its one-line reason."""
     fails = [mm for mm in result.mismatches if mm.classification == "divergence"]
     if logits_cmp.verdict != "pass":
         result.verdict, result.reason = "fail", f"teacher-forced decode logits: {logits_cmp.reason}"
@@ -197,3 +210,58 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
     if ref_cmp.verdict == "fail":
         result.reason += f"; REFERENCE cached decode disagrees with its own full forward ({ref_cmp.reason})"
     return result
+
+
+def match_teacher_forced(port_steps: np.ndarray, ref_steps: np.ndarray, ref_full: np.ndarray,
+                         oracle_full: np.ndarray, prompt_lengths: list[int],
+                         dtype: str = "float32") -> DecodeResult:
+    """The decode match without free-running generation: every side is fed the same sequence.
+
+    (b, T, v) logits predicting the T tokens after a prompt of P columns: the port's cached decode
+    (`step_logits`), the reference's cached decode, and the reference's and the oracle's full
+    forwards at the same positions. Each side's token at a step is its greedy choice there (the
+    argmax), so every step is compared on the same prefix: a mismatch does not end the comparison,
+    `matched_steps` counts the steps whose choices agree and every mismatch is classified. Used where
+    generation cannot run, e.g. a model streamed layer by layer (equiv/stream), where each step
+    would need every layer again."""
+    b, T = port_steps.shape[:2]
+    flat = lambda a: a.reshape(b * T, -1)  # noqa: E731
+    ref_full_f, oracle_full_f = flat(ref_full), flat(oracle_full)
+    logits_cmp = compare_tap("decode.logits", flat(port_steps), ref_full_f, oracle_full_f, dtype)
+    ref_cmp = compare_tap("reference.cached_decode", flat(ref_steps), ref_full_f, oracle_full_f, dtype)
+    port_tok = np.argmax(port_steps, axis=-1).astype(int).tolist()
+    ref_tok = np.argmax(ref_steps, axis=-1).astype(int).tolist()
+    result = DecodeResult(prompt_lengths=list(prompt_lengths), max_new_tokens=T, port_tokens=port_tok,
+                          reference_tokens=ref_tok, matched_steps=[], total_steps=[T] * b,
+                          logits=logits_cmp, reference_consistency=ref_cmp,
+                          **logit_agreement(flat(port_steps), ref_full_f))
+    for i in range(b):
+        result.matched_steps.append(sum(p == r for p, r in zip(port_tok[i], ref_tok[i], strict=True)))
+        result.mismatches += [_classify(i, k, port_tok[i][k], ref_tok[i][k], port_steps, ref_steps, ref_full,
+                                        oracle_full, logits_cmp, ref_cmp, dtype)
+                              for k in range(T) if port_tok[i][k] != ref_tok[i][k]]
+    margins = [_margin(ref_steps[i, k]) for i in range(b) for k in range(T)]
+    result.median_reference_margin = float(np.median(margins)) if margins else math.nan
+    return _conclude(result, logits_cmp, ref_cmp, [T] * b)
+
+
+def teacher_forced_decode(model, reference, oracle, ids: np.ndarray, mask: np.ndarray | None, prompt_len: int,
+                          dtype: str = "float32") -> DecodeResult:
+    """`match_teacher_forced` on models held in memory: prefill ids[:, :prompt_len], then one cached
+    decode step per further token, against the full forwards of the reference and the oracle."""
+    T = ids.shape[1] - prompt_len
+    if not 1 <= T < ids.shape[1]:
+        raise EquivError(f"prompt_len: expected 1 <= prompt_len < l={ids.shape[1]}, got {prompt_len}")
+    window = slice(prompt_len - 1, prompt_len - 1 + T)
+    return match_teacher_forced(model.step_logits(ids, mask, prompt_len)[:, :T],
+                                reference.step_logits(ids, mask, prompt_len)[:, :T],
+                                full_logits(reference, ids, mask)[:, window],
+                                full_logits(oracle, ids, mask)[:, window],
+                                real_prompt_lengths(mask, prompt_len, len(ids)), dtype)
+
+
+def real_prompt_lengths(mask: np.ndarray | None, prompt_len: int, batch: int) -> list[int]:
+    """The real (unpadded) tokens of each row's prompt."""
+    if mask is None:
+        return [prompt_len] * batch
+    return [int(np.asarray(mask)[i, :prompt_len].sum()) for i in range(batch)]

@@ -254,30 +254,47 @@ def run_layerwise(model, reference, oracle, ids, mask=None, mode: str = "accumul
     stage("comparing")
     guard = max_error_guard(dtype, budget, mode)
     order, port_only, reference_only = align_taps(port_order, list(ref_taps))
-    one_sided = {**{t: "port" for t in port_only}, **{t: "reference" for t in reference_only}}
-    taps = []
-    for name in order:
-        if name in one_sided:
-            taps.append(_one_sided(name, one_sided[name], dtype, budget))
-        elif port_taps is None:
-            taps.append(TapComparison(name=name, dtype=dtype, budget=budget, verdict="unavailable",
-                                      reason="the port cannot run this tap isolated"))
-        else:
-            taps.append(compare_tap(name, port_taps.get(name), ref_taps.get(name), oracle_taps.get(name),
-                                    dtype=dtype, budget=budget, max_budget=guard))
+    one_sided = one_sided_taps(port_only, reference_only)
+    taps = [compare_aligned(name, one_sided, port_taps, ref_taps, oracle_taps, dtype, budget, guard)
+            for name in order]
+    return assemble_result(taps, port_only, reference_only, mode, dtype, budget, notes, model.info(),
+                           reference.provenance(), oracle.provenance(), ids, mask, seed)
 
+
+def one_sided_taps(port_only: list[str], reference_only: list[str]) -> dict[str, str]:
+    """Tap -> the one side that produces it."""
+    return {**{t: "port" for t in port_only}, **{t: "reference" for t in reference_only}}
+
+
+def compare_aligned(name: str, one_sided: dict[str, str], port_taps: dict | None, ref_taps: dict,
+                    oracle_taps: dict, dtype: str, budget: float, guard: float) -> TapComparison:
+    """One tap of the aligned order: one-sided, not run by the port (`port_taps` None: it cannot run
+    isolated mode), or compared. The taps may be the whole run's or one layer's (equiv/stream)."""
+    if name in one_sided:
+        return _one_sided(name, one_sided[name], dtype, budget)
+    if port_taps is None:
+        return TapComparison(name=name, dtype=dtype, budget=budget, verdict="unavailable",
+                             reason="the port cannot run this tap isolated")
+    return compare_tap(name, port_taps.get(name), ref_taps.get(name), oracle_taps.get(name),
+                       dtype=dtype, budget=budget, max_budget=guard)
+
+
+def assemble_result(taps: list[TapComparison], port_only: list[str], reference_only: list[str], mode: str,
+                    dtype: str, budget: float, notes: list[str], info, reference_provenance,
+                    oracle_provenance, ids, mask, seed: int | None) -> LayerwiseResult:
+    """The result from the per-tap comparisons in execution order: verdict, first divergence,
+    explanations, settings and notes. Shared by the in-memory run and the layer-streamed one."""
     counts = [t.verdict for t in taps]
     verdict = "divergent" if "fail" in counts else "equivalent" if "pass" in counts else "inconclusive"
     installed = tested_versions.installed_versions()  # read once: the settings and the note
     untested = tested_versions.untested_note(installed)
     if untested:
         notes.append(untested)
-    info = model.info()
     return LayerwiseResult(
         mode=mode, dtype=dtype, budget=budget, taps=taps, port_only=port_only, reference_only=reference_only,
         first_divergence=find_first_divergence(taps, mode, dtype),
         explanations={t.name: explain(taps, i, mode, dtype)
                       for i, t in enumerate(taps) if t.verdict == "fail"},
         verdict=verdict, inputs=describe_inputs(ids, mask, seed), port=asdict(info),
-        reference=dict(reference.provenance()), oracle=dict(oracle.provenance()),
+        reference=dict(reference_provenance), oracle=dict(oracle_provenance),
         settings=_settings(dtype, budget, mode, info.details, installed), notes=notes)

@@ -107,6 +107,21 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
     """Checkpoint tensors -> params pytree (see module docstring). Raises CheckpointError listing every
     missing, unexpected, misshapen, non-float and non-finite key at once."""
     np_dtype = _check_dtype(dtype)
+    wanted = check_tensors(cfg, fmt, tensors)
+    try:
+        return _to_params(cfg, wanted, tensors, np_dtype, fmt)
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:  # a checkpoint too big for this machine
+        if isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        need = sum(tensors[k].size for k in wanted) * np.dtype(np_dtype).itemsize
+        raise CheckpointError(f"{fmt} checkpoint: expected room for {need} bytes of {dtype} weights, "
+                              f"allocation failed ({type(e).__name__})") from None
+
+
+def check_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray]) -> dict:
+    """Every key, shape and dtype the config implies, checked from the arrays' shapes and dtypes
+    alone (their values only for a tied lm_head); -> {checkpoint key: (our name or (name, layer),
+    checkpoint shape)}. CheckpointError lists every problem at once."""
     if fmt not in _PREFIX:
         raise ConfigError(f"checkpoint format: expected one of {sorted(_PREFIX)}, got {fmt!r}")
     bad_keys = [quote(k) for k, v in tensors.items()
@@ -159,42 +174,35 @@ def map_tensors(cfg: Mamba2Config, fmt: str, tensors: dict[str, np.ndarray], dty
     if problems:
         raise CheckpointError(f"{fmt} checkpoint: expected the tensors its config.json implies, got: "
                               + " | ".join(hints + problems))
-    try:
-        return _to_params(cfg, wanted, tensors, np_dtype, fmt)
-    except (MemoryError, jax.errors.JaxRuntimeError) as e:  # a checkpoint too big for this machine
-        if isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        need = sum(tensors[k].size for k in wanted) * np.dtype(np_dtype).itemsize
-        raise CheckpointError(f"{fmt} checkpoint: expected room for {need} bytes of {dtype} weights, "
-                              f"allocation failed ({type(e).__name__})") from None
+    return wanted
+
+
+def to_port_layout(cfg: Mamba2Config, name: str, arr, np_dtype) -> np.ndarray:
+    """One checkpoint tensor (our name) as the port holds it: rounded to the model dtype via float32,
+    as the reference loads; A_log, dt_bias and D are rounded to the model dtype (as `model.to(dtype)`
+    does to the reference) but held in float32, since every consumer upcasts them first anyway."""
+    a = np.asarray(arr).astype(np.float32, copy=False).astype(np_dtype, copy=False)  # no copy if float32
+    if name in ("A_log", "dt_bias", "D"):
+        a = a.astype(np.float32, copy=False)
+    if name in ("in_proj", "out_proj", "lm_head"):
+        return a.T  # (out, in) -> (in, out) for x @ W
+    if name == "conv_w":
+        return a[:, 0, :].T  # (conv_dim, 1, k) -> (k, conv_dim)
+    if name == "D" and cfg.d_has_hdim:
+        return a.reshape(cfg.n_heads, cfg.head_dim)
+    return a
 
 
 def _to_params(cfg: Mamba2Config, wanted: dict, tensors: dict, np_dtype, fmt: str) -> dict:
     """Checked tensors -> params, rounded to the model dtype. Non-finite weights (NaN/inf stored, or
     a value beyond the dtype's range) are refused: every comparison built on them is meaningless."""
-    # A_log, dt_bias and D are rounded to the model dtype (as `model.to(dtype)` does to the
-    # reference) but held in float32: every consumer upcasts them first anyway.
-    keep_fp32 = {"A_log", "dt_bias", "D"}
-
-    def convert(name, arr):
-        a = np.asarray(arr).astype(np.float32).astype(np_dtype)  # via float32, as the reference loads
-        if name in keep_fp32:
-            a = a.astype(np.float32)
-        if name in ("in_proj", "out_proj", "lm_head"):
-            return a.T  # (out, in) -> (in, out) for x @ W
-        if name == "conv_w":
-            return a[:, 0, :].T  # (conv_dim, 1, k) -> (k, conv_dim)
-        if name == "D" and cfg.d_has_hdim:
-            return a.reshape(cfg.n_heads, cfg.head_dim)
-        return a
-
     layers: list[dict] = [{} for _ in range(cfg.n_layers)]
     params: dict = {}
     nonfinite = []
     for key, (ours, _) in wanted.items():
         name = ours[0] if isinstance(ours, tuple) else ours
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf is reported just below
-            a = convert(name, tensors[key])
+            a = to_port_layout(cfg, name, tensors[key], np_dtype)
         if not np.isfinite(a).all():
             nonfinite.append(f"{key} ({int(a.size - np.isfinite(a).sum())} of {a.size})")
         if isinstance(ours, tuple):

@@ -17,4 +17,6 @@ FAMILY = Family(
                              torch_free_references="equiv.mamba2.ssd_numpy:NumpySSDReferences"),
     fixture_builders=("equiv_reference.mamba2.make_fixtures",),
     trained_fixtures={"trained-bytes": "equiv_reference.mamba2.train_byte_model"},
+    streaming={"port": "equiv.mamba2.layer_stream:stream_port",
+               "reference": "equiv_reference.mamba2.layer_stream:stream_transformers"},
 )

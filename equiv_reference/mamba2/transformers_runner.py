@@ -59,6 +59,43 @@ class ReferenceError(EquivError):
     """The reference cannot run as asked (bad dtype, missing checkpoint, wrong device)."""
 
 
+def attach_taps(modules) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor | None], list]:
+    """Hooks capturing each (tap name, module, kind) of a resolved tap map: the module's output, its
+    first input, or (derived) the padding mask its mixer received. -> (captured taps, mixer masks by
+    layer, hook handles to remove)."""
+    captured: dict[str, torch.Tensor] = {}
+    mixer_masks: dict[int, torch.Tensor | None] = {}
+    handles = []
+
+    def keep(name, kind):
+        if kind == "output":
+            return lambda mod, args, out: captured.__setitem__(name, out)
+        return lambda mod, args: captured.__setitem__(name, args[0])
+
+    for name, module, kind in modules:
+        if kind == "output":
+            handles.append(module.register_forward_hook(keep(name, kind)))
+        elif kind == "input0":
+            handles.append(module.register_forward_pre_hook(keep(name, kind)))
+        else:  # derived conv: remember the padding mask this mixer actually received
+            i = int(name.split(".")[1])
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: mixer_masks.__setitem__(i, kwargs.get("attention_mask")),
+                with_kwargs=True))
+    return captured, mixer_masks, handles
+
+
+def derived_conv(mm, recorder, mixer, zxbcdt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The `mixer.conv` tap: mirrors Mamba2Mixer.forward steps 2-3 (no cache): causal conv + SiLU,
+    then the mask."""
+    e, conv_dim = mixer.intermediate_size, mixer.conv_dim
+    xbc = zxbcdt[..., e:e + conv_dim].transpose(1, 2)  # b c l
+    causal_conv1d_fn = recorder.torch_body("causal_conv1d_fn")
+    conv = causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
+                            activation=mixer.activation)
+    return mm.apply_mask_to_padding_states(conv.transpose(1, 2), mask)  # b l c
+
+
 class TransformersRunner:
     """`run`, `step_logits`, `generate`, `provenance` over one checkpoint in one dtype."""
 
@@ -66,16 +103,7 @@ class TransformersRunner:
 
     def __init__(self, checkpoint_dir: str | Path, dtype: str = "float32", *, device: str = "cpu",
                  lift_float32_casts: bool | None = None):
-        if dtype not in DTYPES:
-            raise ReferenceError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
-        checkpoint_dir = Path(checkpoint_dir)
-        if not (checkpoint_dir / "config.json").is_file():
-            raise ReferenceError(f"checkpoint: expected {checkpoint_dir}/config.json, it does not exist")
-        self.mm = dispatch.import_modeling_mamba2()
-        self.dtype, self.device, self.checkpoint = dtype, device, str(checkpoint_dir)
-        self.lift = (dtype == "float64") if lift_float32_casts is None else bool(lift_float32_casts)
-        if self.lift and dtype != "float64":
-            raise ReferenceError(f"lift_float32_casts: only meaningful for float64, got dtype {dtype!r}")
+        checkpoint_dir = self._check_args(checkpoint_dir, dtype, device, lift_float32_casts)
         from transformers import GenerationConfig
         from transformers.utils import logging as hf_logging
 
@@ -90,20 +118,40 @@ class TransformersRunner:
                                   f"Mamba2ForCausalLM.from_pretrained can load, it raised "
                                   f"{type(e).__name__}: {first_line(e)}") from e
         self.model = model.to(device=device, dtype=DTYPES[dtype]).eval()
-        self.config = model.config
+        self._set_config(model.config, checkpoint_dir)
+        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
+        # 5.24 renamed forward's `cache_params` to `cache` (the old name warns until 5.40)
+        forward_params = inspect.signature(self.model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in forward_params else "cache_params"
+
+    def _check_args(self, checkpoint_dir, dtype: str, device: str, lift_float32_casts: bool | None) -> Path:
+        """Validate the arguments and set what every runner of this checkpoint needs before a model
+        exists: the library module, dtype, device, the float64 lift (also for the layer-streamed
+        runner, equiv_reference/mamba2/layer_stream.py)."""
+        if dtype not in DTYPES:
+            raise ReferenceError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        checkpoint_dir = Path(checkpoint_dir)
+        if not (checkpoint_dir / "config.json").is_file():
+            raise ReferenceError(f"checkpoint: expected {checkpoint_dir}/config.json, it does not exist")
+        self.mm = dispatch.import_modeling_mamba2()
+        self.dtype, self.device, self.checkpoint = dtype, device, str(checkpoint_dir)
+        self.lift = (dtype == "float64") if lift_float32_casts is None else bool(lift_float32_casts)
+        if self.lift and dtype != "float64":
+            raise ReferenceError(f"lift_float32_casts: only meaningful for float64, got dtype {dtype!r}")
+        return checkpoint_dir
+
+    def _set_config(self, config, checkpoint_dir: Path) -> None:
+        """The model's config and what follows from it: the tap names and the dispatch recorder."""
+        self.config = config
         if self.config.model_type != "mamba2":
             raise ConfigError(f"{checkpoint_dir}: expected model_type 'mamba2', "
                               f"got {self.config.model_type!r}")
         # generation stops only at the eos a caller passes (the checkpoint's own eos/bos ignored)
         self.pad_id = self.config.pad_token_id if self.config.pad_token_id is not None else 0
-        self.model.generation_config = GenerationConfig(pad_token_id=self.pad_id)
         self.n_layers = self.config.num_hidden_layers
         self.tap_names = tap_names(self.n_layers)
         self.recorder = dispatch.DispatchRecorder(self.mm)
         self.lifted_sites: dict[str, int] = {}
-        # 5.24 renamed forward's `cache_params` to `cache` (the old name warns until 5.40)
-        forward_params = inspect.signature(self.model.forward).parameters
-        self.cache_kwarg = "cache" if "cache" in forward_params else "cache_params"
 
     # ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -128,25 +176,7 @@ class TransformersRunner:
     def run(self, ids, mask=None) -> dict[str, np.ndarray]:
         """Full forward without a cache; every canonical tap."""
         t_ids, t_mask = self._inputs(ids, mask)
-        captured: dict[str, torch.Tensor] = {}
-        mixer_masks: dict[int, torch.Tensor | None] = {}
-        handles = []
-
-        def keep(name, kind):
-            if kind == "output":
-                return lambda mod, args, out: captured.__setitem__(name, out)
-            return lambda mod, args: captured.__setitem__(name, args[0])
-
-        for name, module, kind in self._modules():
-            if kind == "output":
-                handles.append(module.register_forward_hook(keep(name, kind)))
-            elif kind == "input0":
-                handles.append(module.register_forward_pre_hook(keep(name, kind)))
-            else:  # derived conv: remember the padding mask this mixer actually received
-                i = int(name.split(".")[1])
-                handles.append(module.register_forward_pre_hook(
-                    lambda mod, args, kwargs, i=i: mixer_masks.__setitem__(i, kwargs.get("attention_mask")),
-                    with_kwargs=True))
+        captured, mixer_masks, handles = attach_taps(self._modules())
         try:
             with self._running():
                 self.model(input_ids=t_ids, attention_mask=t_mask, use_cache=False)
@@ -160,14 +190,7 @@ class TransformersRunner:
         return {name: to_numpy(captured[name]) for name in self.tap_names}
 
     def _derived_conv(self, i: int, zxbcdt: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Mirrors Mamba2Mixer.forward steps 2-3 (no cache): causal conv + SiLU, then the mask."""
-        mixer = self.model.backbone.layers[i].mixer
-        e, conv_dim = mixer.intermediate_size, mixer.conv_dim
-        xbc = zxbcdt[..., e:e + conv_dim].transpose(1, 2)  # b c l
-        causal_conv1d_fn = self.recorder.torch_body("causal_conv1d_fn")
-        conv = causal_conv1d_fn(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias,
-                                activation=mixer.activation)
-        return self.mm.apply_mask_to_padding_states(conv.transpose(1, 2), mask)  # b l c
+        return derived_conv(self.mm, self.recorder, self.model.backbone.layers[i].mixer, zxbcdt, mask)
 
     def step_logits(self, ids, mask, prompt_len: int) -> np.ndarray:
         """Teacher forcing through the cache, as `generate` drives it: prefill ids[:, :prompt_len]
