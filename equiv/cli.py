@@ -242,10 +242,17 @@ def run_diff(args, progress: Progress) -> int:
     model = load_port(args.port, args.checkpoint, args.dtype, fam)
     check_loaded_model(model, args.port)  # protocol v1: a missing member is one line, not a traceback
     unsharded = None
+    sharding = None
     if args.mesh is not None:  # placed before the reference loads: a mesh that cannot run fails at once
-        from equiv.mamba2.sharding import shard
+        if fam is None or not fam.sharding:
+            from equiv.families import all_families
 
-        unsharded, model = model, shard(model, *args.mesh, port=args.port)
+            have = [f.title for f in all_families() if f.sharding]
+            raise UsageError(f"--mesh: expected a checkpoint of a family with a sharded port "
+                             f"({', '.join(have) or 'none'}), got "
+                             f"{fam.title if fam else 'a plug-in run with no family'}")
+        sharding = importlib.import_module(fam.sharding)
+        unsharded, model = model, sharding.shard(model, *args.mesh, port=args.port)
     require_memory(model, args.port, args.batch, args.seq_len,
                    f"--batch {args.batch} --seq-len {args.seq_len}")
     ids = random_ids(int(model.vocab_size), args.batch, args.seq_len, args.seed)
@@ -266,10 +273,8 @@ def run_diff(args, progress: Progress) -> int:
     if result.verdict == "inconclusive":
         raise EquivError(f"no tap could be compared: {coverage_phrase(result)}; "
                          + (result.notes[-1] if result.notes else "see the table"))
-    if unsharded is not None:
-        from equiv.mamba2.sharding import diff_against_unsharded
-
-        if not diff_against_unsharded(model, unsharded, oracle, ids, args, progress):
+    if sharding is not None:
+        if not sharding.diff_against_unsharded(model, unsharded, oracle, ids, args, progress):
             return EXIT_DIVERGENT
     return EXIT_DIVERGENT if result.verdict == "divergent" else EXIT_EQUIVALENT
 

@@ -56,6 +56,9 @@ class Family:
     # layer streaming (equiv/stream/protocol.py): "port" -> 'module:attr' of the built-in port's stage
     # factory, "reference" -> the default reference's (float64: the oracle); empty: in memory only
     streaming: dict[str, str] = field(default_factory=dict)
+    # `equiv diff --mesh`: the module with shard(model, data, model_axis, port=) and
+    # diff_against_unsharded(sharded, unsharded, oracle, ids, args, progress); empty: no sharded port
+    sharding: str = ""
 
 
 class UnknownFamily(ConfigError):
@@ -101,7 +104,7 @@ def family_for_config(raw) -> Family:
     if not isinstance(raw, dict):
         got = {list: "a JSON list", type(None): "null", str: "a JSON string", bool: "a JSON boolean"}.get(
             type(raw), "a JSON number")
-        raise UnknownFamily(f"config.json: expected a JSON object, got {got}")
+        raise UnknownFamily(f"config.json: expected a JSON object, got {got} (known families: {_known()})")
     if "model_type" in raw:
         found = [f for f in all_families() if raw["model_type"] in f.model_types]
         got = f"model_type {quote(raw['model_type'])}"

@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from equiv.mamba2.mamba2_jax_adapter import Mamba2JaxPort
 from equiv.errors import ConfigError
 from equiv.io.safetensors_io import write_safetensors
+from equiv.mamba2.mamba2_jax_adapter import Mamba2JaxPort
 from equiv.ports import PortError, TapUnavailable
 
 pytestmark = [

@@ -304,6 +304,7 @@ def test_the_main_job_fails_the_cancellation_segsum_on_the_trained_fixture():
     independent port's 3.0047x), so the accumulated budget cannot tell them apart; the main job
     still fails it, through isolated mode at the SSD (~5x > 2). Golden reference: torch-free."""
     from equiv.check import check_fixture, reference_loader
+    from equiv.families import family as get_family
 
     path = fixture_dir("trained-bytes")
 
@@ -313,7 +314,7 @@ def test_the_main_job_fails_the_cancellation_segsum_on_the_trained_fixture():
         def load(self, checkpoint_dir, dtype="float32"):
             return plant(Mamba2Port().load(checkpoint_dir, dtype), "segsum_cumsum_difference")
 
-    golden = reference_loader(True, path.parent / "golden")
+    golden = reference_loader(get_family("mamba2"), True, path.parent / "golden")
     outcome = check_fixture("trained-bytes", path, PlantedPort(), golden, progress=lambda _m: None)
     assert outcome.verdict == "fail", outcome.error
     fd = outcome.layerwise["isolated"].first_divergence

@@ -9,9 +9,9 @@ port correct to float32 rounding can still flip a token, or a wrong one can stil
 model's margins are large and its continuations are text, so token-for-token greedy matching means
 something.
 
-Same corpus, tokenizer, held-out rule, optimizer and prompts as the Mamba-2 fixture
-(equiv_reference/mamba2/train_byte_model.py, whose helpers this reuses), so the two families' decode
-plans read alike. Sized for a 6-minute budget on one thread.
+Same corpus, tokenizer, held-out rule, optimizer and prompts as the Mamba-2 fixture (both take
+them from equiv_reference/byte_training.py), so the two families' decode plans read alike.
+Sized for a 6-minute budget on one thread.
 
 Training swaps one function: transformers' sequential scan slices its (b, e, l, n) tensors once per
 time step, and each slice's gradient is a full-size zero tensor, so its backward costs O(l^2) (45 s a
@@ -37,14 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from equiv_reference import byte_tokenizer as tok
-from equiv_reference.mamba1.provenance import (
-    SCAN,
-    STATE_UPDATE,
-    DispatchRecorder,
-    import_modeling,
-    import_record,
-)
-from equiv_reference.mamba2.train_byte_model import (
+from equiv_reference.byte_training import (
     N_NEW_TOKENS,
     PROMPTS,
     bits_per_byte,
@@ -54,6 +47,13 @@ from equiv_reference.mamba2.train_byte_model import (
     random_windows,
     set_determinism,
     versions,
+)
+from equiv_reference.mamba1.provenance import (
+    SCAN,
+    STATE_UPDATE,
+    DispatchRecorder,
+    import_modeling,
+    import_record,
 )
 
 GENERATOR = "equiv_reference.mamba1.train_byte_model"

@@ -18,10 +18,8 @@ a fixed, sorted file list whose sha256s are recorded (a different Python version
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import platform
 import statistics
 import sys
 import sysconfig
@@ -32,6 +30,17 @@ from pathlib import Path
 import torch
 
 from equiv_reference import byte_tokenizer as tok
+from equiv_reference.byte_training import (
+    N_NEW_TOKENS,
+    PROMPTS,
+    bits_per_byte,
+    load_corpus,
+    make_optimizer,
+    param_count,
+    random_windows,
+    set_determinism,
+    versions,
+)
 from equiv_reference.mamba2 import dispatch
 
 
@@ -70,11 +79,6 @@ MODEL_KW = dict(vocab_size=tok.VOCAB_SIZE, hidden_size=256, num_hidden_layers=4,
                 num_heads=16, expand=2, n_groups=2, conv_kernel=4, chunk_size=64, use_bias=False,
                 use_conv_bias=True, tie_word_embeddings=True, residual_in_fp32=True,
                 bos_token_id=tok.BOS_ID, eos_token_id=tok.EOS_ID, pad_token_id=tok.PAD_ID)
-# Short prompts (the model's greedy continuations of these fall into whitespace runs after a line or
-# two) and two with more context (continuations stay code-like for all 64 bytes).
-PROMPTS = ("def ", "import os\n", "class ", "    return ", "for i in range(",
-           "    def __repr__(self):\n        return ", "        raise ValueError(")
-N_NEW_TOKENS = 64
 
 
 def import_mamba2_fallback():
@@ -86,54 +90,7 @@ def import_mamba2_fallback():
     return mm.Mamba2Config, mm.Mamba2ForCausalLM, mm
 
 
-def set_determinism(threads: int) -> None:
-    torch.use_deterministic_algorithms(True)
-    # Deterministic mode also NaN-fills every torch.empty (13% of a step here); no op we run reads
-    # uninitialised memory, so the fill buys nothing.
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    torch.set_num_threads(threads)
-
-
 # ---- data -----------------------------------------------------------------------------------------
-
-def stdlib_files() -> list[Path]:
-    """The top-level `*.py` of the standard library, sorted by name: ~170 files, ~4.7 MB on 3.11."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(root.glob("*.py"), key=lambda p: p.name)
-
-
-def load_corpus(heldout_every: int):
-    """Returns (train ids, held-out ids, file records). Files are joined with EOS between them; every
-    `heldout_every`-th file (index % k == k // 2) is held out whole, so held-out text is unseen text."""
-    train, held, records = [], [], []
-    for i, path in enumerate(stdlib_files()):
-        data = path.read_bytes()
-        split = "heldout" if i % heldout_every == heldout_every // 2 else "train"
-        (held if split == "heldout" else train).extend([*data, tok.EOS_ID])
-        records.append({"name": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                        "split": split})
-    return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long), records
-
-
-def random_windows(stream, n, length, gen):
-    """n windows of `length` + 1 tokens (input and shifted target) at random offsets: (b, l+1)."""
-    starts = torch.randint(0, stream.numel() - length - 1, (n,), generator=gen)
-    return torch.stack([stream[s:s + length + 1] for s in starts.tolist()])
-
-
-def bits_per_byte(model, windows, batch):
-    """Mean next-token cross-entropy over (b, l+1) windows, in bits."""
-    model.eval()
-    total = 0.0
-    with torch.no_grad():
-        for i in range(0, windows.shape[0], batch):
-            w = windows[i:i + batch]
-            logits = model(input_ids=w[:, :-1]).logits                                  # (b, l, v)
-            total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(),
-                                                       reduction="sum").item()
-    model.train()
-    return total / (windows[:, 1:].numel() * math.log(2))
-
 
 # ---- training -------------------------------------------------------------------------------------
 
@@ -141,22 +98,6 @@ def build_model(seed: int):
     Mamba2Config, Mamba2ForCausalLM, mm = import_mamba2_fallback()
     torch.manual_seed(seed)
     return Mamba2ForCausalLM(Mamba2Config(**MODEL_KW)).float(), mm
-
-
-def make_optimizer(model, cfg: TrainConfig):
-    # Decay matrices only (nanoGPT's rule): norms, A_log, D, dt_bias and conv bias stay undecayed.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-
-    def lr_at(step):  # linear warmup, then cosine down to final_lr_frac * lr
-        if step < cfg.warmup:
-            return (step + 1) / cfg.warmup
-        t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-        return cfg.final_lr_frac + (1 - cfg.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
 
 
 def train(cfg: TrainConfig, train_ids, held_ids, probe_steps: int | None = None):
@@ -222,21 +163,6 @@ def decode_report(model, prompts=PROMPTS):
                "margin_min": min(margins),
                "fraction_below_0.1": sum(m < 0.1 for m in margins) / len(margins)}
     return rows, summary
-
-
-def param_count(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # tied lm_head is the embedding: counted once
-
-
-def versions() -> dict:
-    import numpy
-    import safetensors
-    import transformers
-
-    return {"python": sys.version.split()[0], "implementation": platform.python_implementation(),
-            "platform": platform.platform(), "machine": platform.machine(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "safetensors": safetensors.__version__,
-            "numpy": numpy.__version__}
 
 
 def redecode(checkpoint: Path) -> int:

@@ -60,20 +60,21 @@ class TinySpec:
 SPECS = (
     TinySpec(name="mamba3-tiny-siso", seed=3001, config=dict(
         vocab_size=97, d_model=48, n_layers=2, d_state=16, expand=2, headdim=32, ngroups=1, rope_fraction=0.5,
-        chunk_size=16),
+        chunk_size=16, fused_add_norm=False),
         purpose="SISO, rope_fraction 0.5 (4 of 8 pairs rotate), odd nheads 3 and vocab 97, one B/C group "
                 "shared by every head, tied lm_head, residual_in_fp32, chunk 16 (a 40-token input spans 3 "
                 "chunks)"),
     TinySpec(name="mamba3-tiny-siso-rope1-outnorm", seed=3002, dt_range=(1e-2, 1.0), config=dict(
         vocab_size=96, d_model=32, n_layers=2, d_state=16, expand=2, headdim=16, ngroups=4, rope_fraction=1.0,
-        is_outproj_norm=True, A_floor=0.3, chunk_size=16, residual_in_fp32=False, tie_embeddings=False),
+        is_outproj_norm=True, A_floor=0.3, chunk_size=16, residual_in_fp32=False, tie_embeddings=False,
+        fused_add_norm=False),
         purpose="SISO, rope_fraction 1.0 (every pair rotates), is_outproj_norm (gated RMSNorm per head "
                 "before out_proj, no silu gate in the kernel), A_floor 0.3 (the floor clamps A often), "
                 "ngroups = nheads 4 (per-head B/C), large dt (angles pass 2 pi within a few tokens, fast "
                 "decay), untied lm_head, residual_in_fp32 false"),
     TinySpec(name="mamba3-tiny-mimo", seed=3003, config=dict(
         vocab_size=96, d_model=32, n_layers=2, d_state=16, expand=2, headdim=32, ngroups=1, rope_fraction=0.5,
-        is_mimo=True, mimo_rank=2, chunk_size=16),
+        is_mimo=True, mimo_rank=2, chunk_size=16, fused_add_norm=False),
         purpose="MIMO rank 2 (per-rank B/C, biases and mimo_x/z/o projections, rotate-half RoPE), "
                 "rope_fraction 0.5, chunk 16 (chunk x rank 32), tied lm_head; the TileLang kernel "
                 "needs a GPU"),
