@@ -4,10 +4,10 @@ Mesh axes ("data", "model"). Over "model" every device holds whole heads: its co
 (z, x, B, C, dt of its heads and of the groups they read, laid out device-major so that one
 NamedSharding block is exactly one device's [z | x | B | C | dt]), its conv channels, its heads'
 dt_bias, A_log, D, its gated-norm weights and its rows of out_proj. The SSD needs no communication
-(it is independent per head); out_proj's partial products are summed by one all-reduce per layer,
-the only collective of a layer but one: when a group's heads span several devices (n_groups <
-the model axis), B and C of that group are replicated on those devices and the gated norm's sum of
-squares is all-reduced too, g values per position. Embeddings, norms and the head are replicated.
+(it is independent per head); out_proj's partial products are summed by one all-reduce per layer.
+When a group's heads span several devices (n_groups < the model axis), B and C of that group are
+replicated on those devices and the gated norm's sum of squares is all-reduced too, g values per
+position: the one other collective. Embeddings, norms and the head are replicated.
 Over "data" the batch is split, padded with copies of its last row when it does not divide.
 docs/sharding.md gives the reasons and the measured figures.
 
@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from equiv.errors import EquivError
+from equiv.errors import EquivError, quote
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.generate import top2_margin
@@ -307,6 +307,7 @@ class ShardedMamba2Model(Mamba2Model):
         tap_specs = {t: P(DATA, None, MODEL) if t.split(".", 2)[-1] in SHARDED_TAPS else BATCH
                      for t in self.tap_names}
         smap = partial(jax.shard_map, mesh=mesh)
+
         def forward(p, ids, mask, taps):
             logits, _, tap_dict = _local_forward(cfg, lc, share, p, ids, mask, taps=taps, last_only=False)
             return tap_dict if taps else {"logits": logits}
@@ -403,7 +404,7 @@ def shard(model, data: int, model_axis: int, port: str = "builtin") -> ShardedMa
     """A loaded built-in Mamba-2 model placed on a data x model mesh (MeshError: one line)."""
     if type(model) is not Mamba2Model:
         raise MeshError(f"--mesh: expected the built-in Mamba-2 port (--port builtin on a Mamba-2 "
-                        f"checkpoint), got port {port!r} ({type(model).__name__})")
+                        f"checkpoint), got port {quote(port)} ({type(model).__name__})")
     return ShardedMamba2Model(model, data, model_axis)
 
 

@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -286,7 +287,7 @@ def profile_port(model: str, dtype: str, length: int, out: Path) -> dict:
         eos, pad = jnp.int32(-1), jnp.int32(0)
         jax.block_until_ready(decode_loop(params, cfg, cache, logits, NEW_TOKENS, eos, pad))
         for what in ("prefill", "decode"):
-            tdir = out / f"trace-{model}-{dtype}-{what}"
+            tdir = Path(tempfile.mkdtemp(prefix=f"trace-{model}-{dtype}-{what}-"))  # not under --out: deep
             logits, cache = prefill(params, cfg, short)
             jax.block_until_ready(cache)
             with jax.profiler.trace(str(tdir), create_perfetto_trace=True):
