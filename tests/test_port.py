@@ -106,6 +106,27 @@ def test_prefill_of_last_position_equals_full_forward(trio):
                                        atol=1e-6 * float(np.abs(np.asarray(exp)).max()))
 
 
+def test_long_prompt_prefill_in_segments_within_budget(trio, monkeypatch):
+    """A prompt longer than PREFILL_SEGMENT_CHUNKS chunks is prefilled segment by segment (the
+    device's memory): its last logits and the decode after it stay within budget of the reference's
+    full forward, with and without left padding, and its cache continues decoding."""
+    port, ref, oracle = trio
+    cfg = port.cfg
+    monkeypatch.setattr(gen, "PREFILL_SEGMENT_CHUNKS", 1)  # 3 segments and a part
+    ids = _ids(port, b=2, l=3 * cfg.chunk_size + 5, seed=5)
+    mask = np.ones_like(ids)
+    mask[1, :cfg.chunk_size + 2] = 0  # padding across the first segment boundary
+    for msk in (None, mask):
+        prompt_len = ids.shape[1] - 4
+        steps = port.step_logits(ids, msk, prompt_len)  # segmented prefill, then 4 cached steps
+        want = slice(prompt_len - 1, ids.shape[1])
+        full_ref, full_oracle = ref.run(ids, msk)["logits"], oracle.run(ids, msk)["logits"]
+        assert_within_budget("segmented prefill + steps", steps, full_ref[:, want], full_oracle[:, want])
+    before = gen.TRACES["prefill"]
+    gen.prefill(port.params, cfg, jnp.asarray(ids[:, :3 * cfg.chunk_size]))
+    assert gen.TRACES["prefill"] - before <= 1  # equal segments share one compiled prefill
+
+
 def test_jitted_equals_not_jitted():
     port = Mamba2Port().load(fixture_dir("tiny-g2"))
     ids = jnp.asarray(_ids(port, b=1, l=20))

@@ -6,7 +6,9 @@
 Shapes: 130m (d_model 768, 24 layers) and 2.7b (d_model 2560, 64 layers), state 128, head dim 64,
 expand 2, one group, chunk 256, vocab 50280, tied head; random weights (speed does not depend on
 their values). For each implementation (`port`: equiv.mamba2 under jax.jit at matmul precision
-"highest"; `mamba_ssm`: MambaLMHeadModel, its Triton kernels, CUDA graphs for decode), model and
+"highest"; `mamba_ssm`: MambaLMHeadModel, its Triton kernels, CUDA graphs for decode; without
+causal-conv1d's CUDA extension, so use_mem_eff_path=False: torch's conv1d before its Triton chunk
+scan, and its decode step's conv in torch), model and
 dtype (bf16 headline; fp32 with torch's TF32 off):
 
 - prefill tok/s at each --prefill-lens, batch 1 (last-position logits, as generation needs), with
@@ -214,7 +216,10 @@ def mamba_ssm_rows(model: str, dtype: str, prefill_lens, positions, repeats: int
         d_model=d["d_model"], n_layer=d["n_layers"], vocab_size=d["vocab_size"], rms_norm=True,
         residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8, tie_embeddings=True,
         ssm_cfg={"layer": "Mamba2", "d_state": d["d_state"], "headdim": d["head_dim"], "ngroups": 1,
-                 "chunk_size": d["chunk_size"]})
+                 "chunk_size": d["chunk_size"],
+                 # causal-conv1d's CUDA extension is not installed (no wheel), so the fused
+                 # mamba_split_conv1d_scan_combined cannot run: torch's conv, then the Triton scan
+                 "use_mem_eff_path": False})
     torch.manual_seed(0)
     lm = mods.mixer_seq_simple.MambaLMHeadModel(config, device="cuda", dtype=tdtype).eval()
     gen = torch.Generator(device="cuda").manual_seed(0)
