@@ -21,7 +21,7 @@ FLOAT32_TINY = 1.401298464324817e-45  # the smallest float32 above 0 (a subnorma
 
 INT_FIELDS = ("vocab_size", "d_model", "n_layers", "d_state", "expand", "headdim", "ngroups", "mimo_rank",
               "chunk_size")
-BOOL_FIELDS = ("is_outproj_norm", "is_mimo", "residual_in_fp32", "tie_embeddings")
+BOOL_FIELDS = ("is_outproj_norm", "is_mimo", "residual_in_fp32", "fused_add_norm", "tie_embeddings")
 ROPE_FRACTIONS = (0.5, 1.0)  # Mamba3.__init__ asserts one of these
 MODEL_TYPES = ("mamba3",)
 
@@ -38,7 +38,9 @@ class Mamba3Config:
     rank R (mamba_ssm forces R = 1 without MIMO; so does this config: mimo_rank must be 1 then).
     chunk_size: the prefill's chunk length (the kernels' and this port's). norm_eps: the block and
     final RMSNorms' epsilon (mamba_ssm's 1e-5). residual_in_fp32: keep the residual stream in
-    float32. tie_embeddings: lm_head = embedding. eos_token_id / pad_token_id: for generation.
+    float32. fused_add_norm: mamba_ssm's fused add + RMSNorm, which normalises the (float32)
+    residual itself; without it the residual is rounded to the model dtype first (the two differ in
+    bfloat16 only). tie_embeddings: lm_head = embedding. eos_token_id / pad_token_id: for generation.
     """
 
     vocab_size: int
@@ -56,6 +58,7 @@ class Mamba3Config:
     chunk_size: int = 64
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
+    fused_add_norm: bool = True
     tie_embeddings: bool = True
     model_type: str = "mamba3"
     eos_token_id: int | None = None

@@ -19,8 +19,7 @@ _MS_TOP_DEFAULTS = {"d_model": 2560, "n_layer": 64, "vocab_size": 50277, "pad_vo
 _MS_SSM_DEFAULTS = {"d_state": 128, "expand": 2, "headdim": 64, "ngroups": 1, "rope_fraction": 0.5,
                     "A_floor": 1e-4, "is_outproj_norm": False, "is_mimo": False, "mimo_rank": 4,
                     "chunk_size": 64}
-# fused_add_norm picks a Triton kernel for the same add + norm; attn_cfg is unused without attention
-# layers (attn_layer_idx is required empty).
+# attn_cfg is unused without attention layers (attn_layer_idx is required empty).
 _MS_TOP = set(_MS_TOP_DEFAULTS) | {"ssm_cfg", "rms_norm", "fused_add_norm", "d_intermediate",
                                    "attn_layer_idx", "attn_cfg"}
 # dt_min / dt_max / dt_init_floor only initialise dt_bias (which the checkpoint stores); dropout is
@@ -49,7 +48,6 @@ def config_from_mamba_ssm(raw: dict) -> Mamba3Config:
     if unsupported:
         raise UnsupportedFeatureError("mamba_ssm config.json: not supported by this port: "
                                       + "; ".join(unsupported))
-    top.check_types({"fused_add_norm": "bool"})
     s.check_types({"dt_min": "float", "dt_max": "float", "dt_init_floor": "float", "dropout": "float"})
     is_mimo = s.bool("is_mimo", False)
     rank = s.int("mimo_rank", 4)
@@ -59,6 +57,7 @@ def config_from_mamba_ssm(raw: dict) -> Mamba3Config:
               A_floor=s.float("A_floor", 1e-4), is_outproj_norm=s.bool("is_outproj_norm", False),
               is_mimo=is_mimo, mimo_rank=rank if is_mimo else 1, chunk_size=s.int("chunk_size", 64),
               norm_eps=_MS_NORM_EPS, residual_in_fp32=top.bool("residual_in_fp32", True),
+              fused_add_norm=top.bool("fused_add_norm", True),
               tie_embeddings=top.bool("tie_embeddings", True))
     vocab, mult = top.int("vocab_size", 50277), top.int("pad_vocab_size_multiple", 8)
     problems = top.problems + s.problems
@@ -78,5 +77,5 @@ def config_to_mamba_ssm(cfg: Mamba3Config) -> dict:
            "chunk_size": cfg.chunk_size}
     return {"d_model": cfg.d_model, "n_layer": cfg.n_layers, "vocab_size": cfg.vocab_size,
             "pad_vocab_size_multiple": 1, "rms_norm": True, "residual_in_fp32": cfg.residual_in_fp32,
-            "fused_add_norm": False, "tie_embeddings": cfg.tie_embeddings, "d_intermediate": 0,
+            "fused_add_norm": cfg.fused_add_norm, "tie_embeddings": cfg.tie_embeddings, "d_intermediate": 0,
             "ssm_cfg": ssm}

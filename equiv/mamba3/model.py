@@ -5,9 +5,9 @@ equiv.mamba3.ssm's (chunked prefill, O(1) step).
 Mirrors mamba_ssm 2.3.2.post1's `MambaLMHeadModel` with `Mamba3` blocks (docs/mamba3-layout.md)
 op for op, including where it casts, so bfloat16 runs are comparable:
 
-- block norms: mamba_ssm's fused add + RMSNorm (its `MambaConfig` default): the residual (float32
-  under residual_in_fp32) normalised in float32, the product with the weight rounded once to the
-  model dtype. The same for norm_f.
+- block norms: mamba_ssm's RMSNorm in float32, the product with the weight rounded once to the
+  model dtype; of the residual itself (float32 under residual_in_fp32) with fused_add_norm (its
+  `MambaConfig` default), of the residual rounded to the model dtype without. The same for norm_f.
 - in the mixer: in_proj in the model dtype; dt = softplus(dd_dt + dt_bias) and A in float32 (the
   float32 dt_bias promotes); lambda = sigmoid(trap) in float32; B_norm / C_norm in float32 rounded
   to the model dtype, then the float32 biases added; the SSM's state and accumulations in float32,
@@ -40,30 +40,34 @@ from equiv.mamba3.ssm import State, cumulative_angles, ssm_forward, ssm_step
 f32 = jnp.float32
 SUB_NORM_EPS = 1e-5  # B_norm, C_norm and the output norm: Mamba3.__init__'s eps
 
-__all__ = ["Cache", "block_norm", "block_residual", "decode_step", "embed", "empty_cache", "forward",
-           "linear", "lm_logits", "mixer_A", "mixer_B", "mixer_C", "mixer_angles", "mixer_dt", "mixer_gate",
-           "mixer_in_proj", "mixer_out_proj", "mixer_ssm", "mixer_trap", "rms_norm", "split_k"]
+__all__ = ["Cache", "block_norm", "block_residual", "decode_step", "embed", "empty_cache", "final_norm",
+           "forward", "linear", "lm_logits", "mixer_A", "mixer_B", "mixer_C", "mixer_angles", "mixer_dt",
+           "mixer_gate", "mixer_in_proj", "mixer_out_proj", "mixer_ssm", "mixer_trap", "rms_norm", "split_k"]
 
 
 class Cache(NamedTuple):
-    """Decode state, stacked over layers (L): O(1) in the sequence length.
+    """Decode state, stacked over layers (L): O(1) in the sequence length (equiv.mamba3.ssm.State).
 
-    angle (L, b, h, a) float32: theta of the last position.   ssm (L, b, h, p, n) float32.
-    k (L, b, R, h, n) float32: the last position's rotated B.   v (L, b, h, p): its x (model dtype)."""
+    angle (L, b, h, a) float32: theta of the last position (unwrapped); angle_lo (L, b, h, a) its
+    compensation (double-float32). ssm (L, b, h, p, n) float32. k (L, b, R, h, n) float32: the last
+    position's rotated B. v (L, b, h, p): its x (model dtype)."""
 
     angle: jax.Array
     ssm: jax.Array
     k: jax.Array
     v: jax.Array
+    angle_lo: jax.Array
 
     def layer(self, i: int) -> State:
-        return State(self.angle[i], self.ssm[i], self.k[i], self.v[i])
+        return State(self.angle[i], self.ssm[i], self.k[i], self.v[i], self.angle_lo[i])
 
 
 def empty_cache(cfg: Mamba3Config, batch: int, dtype) -> Cache:
     L, b, h, p, n = cfg.n_layers, batch, cfg.nheads, cfg.headdim, cfg.d_state
-    return Cache(jnp.zeros((L, b, h, cfg.num_rope_angles), f32), jnp.zeros((L, b, h, p, n), f32),
-                 jnp.zeros((L, b, cfg.rank, h, n), f32), jnp.zeros((L, b, h, p), dtype))
+    a = cfg.num_rope_angles
+    return Cache(jnp.zeros((L, b, h, a), f32), jnp.zeros((L, b, h, p, n), f32),
+                 jnp.zeros((L, b, cfg.rank, h, n), f32), jnp.zeros((L, b, h, p), dtype),
+                 jnp.zeros((L, b, h, a), f32))
 
 
 def stack_states(states: list[State]) -> Cache:
@@ -151,8 +155,17 @@ def _bias(lp, name, like):
 # the sub-ops of one block, separately callable (the isolated mode feeds each its own inputs)
 
 
+def _norm_input(cfg: Mamba3Config, residual, w):
+    """Unfused, mamba_ssm's Block rounds the residual to the norm weight's dtype first."""
+    return residual if cfg.fused_add_norm else residual.astype(w.dtype)
+
+
 def block_norm(cfg: Mamba3Config, lp, residual):
-    return rms_norm(residual, lp["norm"], cfg.norm_eps)
+    return rms_norm(_norm_input(cfg, residual, lp["norm"]), lp["norm"], cfg.norm_eps)
+
+
+def final_norm(cfg: Mamba3Config, params, residual):
+    return rms_norm(_norm_input(cfg, residual, params["norm_f"]), params["norm_f"], cfg.norm_eps)
 
 
 def mixer_in_proj(cfg: Mamba3Config, lp, normed, mask):
@@ -192,11 +205,12 @@ def mixer_C(cfg: Mamba3Config, lp, proj):
     return _normed_biased(cfg, lp, split_in_proj(cfg, proj)[3], "C")
 
 
-def mixer_angles(cfg: Mamba3Config, proj, dt, theta0, chunk: int | None = None):
-    """The cumulative rotary angle (b, l, h, a) from in_proj's angle slice and dt, from theta0."""
+def mixer_angles(cfg: Mamba3Config, proj, dt, chunk: int | None = None):
+    """The cumulative rotary angle (b, l, h, a) from in_proj's angle slice and dt, from 0."""
     angle = split_in_proj(cfg, proj)[7]
+    zero = jnp.zeros((dt.shape[0], cfg.nheads, cfg.num_rope_angles), f32)
     l = angle.shape[1]
-    return cumulative_angles(angle, dt, theta0, l if chunk is None or l % chunk else chunk)
+    return cumulative_angles(angle, dt, zero, zero, l if chunk is None or l % chunk else chunk)[0]
 
 
 def _x(cfg: Mamba3Config, proj):
@@ -305,7 +319,7 @@ def forward(params, cfg: Mamba3Config, ids, mask=None, cache: Cache | None = Non
                          f"{t}.mixer.B": B, f"{t}.mixer.C": C,
                          f"{t}.mixer.ssm": y.reshape(*y.shape[:3], cfg.d_inner), f"{t}.mixer.gate": gate,
                          f"{t}.mixer.out_proj": out, t: residual}
-    normed = rms_norm(residual, params["norm_f"], cfg.norm_eps)
+    normed = final_norm(cfg, params, residual)
     logits = lm_logits(cfg, params, normed[:, -1] if last_logits_only else normed)
     if taps:
         tap_dict |= {"norm_f": normed, "logits": logits}
@@ -327,5 +341,5 @@ def decode_step(params, cfg: Mamba3Config, cache: Cache, tokens):
         out = mixer_out_proj(cfg, lp, mixer_gate(cfg, lp, proj, y))
         residual = block_residual(cfg, residual, out)
         states.append(new_state)
-    logits = lm_logits(cfg, params, rms_norm(residual, params["norm_f"], cfg.norm_eps))
+    logits = lm_logits(cfg, params, final_norm(cfg, params, residual))
     return logits, stack_states(states)

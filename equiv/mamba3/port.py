@@ -41,8 +41,7 @@ def _forward_jit(params, cfg, ids, mask, taps, mode):
 def _isolated_layer(cfg, lp, given, mask, mode):
     """Each sub-op of one block computed from the reference's own values of its inputs (`given`:
     the block input under "" and every sub-tap by its LAYER_SUBTAPS name)."""
-    proj, b = given["mixer.in_proj"], given[""].shape[0]
-    zero = m.empty_cache(cfg, b, proj.dtype)
+    proj = given["mixer.in_proj"]
     ssm_in = (given["mixer.dt"], given["mixer.A"], given["mixer.trap"], given["mixer.B"], given["mixer.C"])
     y = given["mixer.ssm"]
     return {
@@ -51,7 +50,7 @@ def _isolated_layer(cfg, lp, given, mask, mode):
         "mixer.dt": m.mixer_dt(cfg, lp, proj), "mixer.A": m.mixer_A(cfg, lp, proj),
         "mixer.trap": m.mixer_trap(cfg, lp, proj), "mixer.B": m.mixer_B(cfg, lp, proj),
         "mixer.C": m.mixer_C(cfg, lp, proj),
-        "mixer.angles": m.mixer_angles(cfg, proj, given["mixer.dt"], zero.angle[0], cfg.chunk_size),
+        "mixer.angles": m.mixer_angles(cfg, proj, given["mixer.dt"], cfg.chunk_size),
         "mixer.ssm": m.mixer_ssm(cfg, lp, proj, *ssm_in, None, mode)[0].reshape(y.shape),
         "mixer.gate": m.mixer_gate(cfg, lp, proj, y.reshape(*y.shape[:3], cfg.nheads, cfg.headdim)),
         "mixer.out_proj": m.mixer_out_proj(cfg, lp, given["mixer.gate"]),
@@ -122,7 +121,7 @@ class Mamba3Model:
                 res = _isolated_layer(cfg, self.params["layers"][i], given, jmask, self.mode)
                 out |= {(f"{t}.{k}" if k else t): _f32(v) for k, v in res.items()}
             last = get(f"layers.{cfg.n_layers - 1}", resid)
-            out["norm_f"] = _f32(m.rms_norm(last, self.params["norm_f"], cfg.norm_eps))
+            out["norm_f"] = _f32(m.final_norm(cfg, self.params, last))
             out["logits"] = _f32(m.lm_logits(cfg, self.params, get("norm_f", dt)))
         return out
 
