@@ -21,6 +21,7 @@ from equiv.errors import ConfigError, EquivError, quote, quote_path
 FAMILIES: dict[str, str] = {
     "mamba2": "equiv.mamba2.family:FAMILY",
     "mamba1": "equiv.mamba1.family:FAMILY",
+    "mamba3": "equiv.mamba3.family:FAMILY",
 }
 
 

@@ -69,8 +69,10 @@ def test_every_bundled_fixture_belongs_to_a_family_and_every_family_has_fixtures
         raw = json.loads((fixture_dir(name) / "config.json").read_text())
         seen.setdefault(family_for_config(raw).name, []).append(name)
     assert set(seen) == set(FAMILIES), seen
-    for fam, names in seen.items():  # a trained checkpoint per family, so greedy decode means something
-        assert any((fixture_dir(n) / "training.json").is_file() for n in names), (fam, names)
+    for fam, names in seen.items():  # a trained checkpoint per family, so greedy decode means something,
+        # or the family says why it has none (its decode plan then leans on near-tie classification)
+        trained = any((fixture_dir(n) / "training.json").is_file() for n in names)
+        assert trained or family(fam).notes.get("untrained"), (fam, names)
 
 
 @pytest.mark.parametrize("raw, expected", [

@@ -33,11 +33,13 @@ from equiv_reference.mamba3.port_verdicts import FIXTURES, NEW_TOKENS, decode_pr
 SEQ_LEN, SEED = 40, 0  # port_verdicts' defaults: the recording answers exactly its calls
 
 
-def record(path: Path, out_root: Path, device: str, seq_len: int = SEQ_LEN, seed: int = SEED) -> dict:
+def record(path: Path, out_root: Path, device: str, seq_len: int = SEQ_LEN, seed: int = SEED,
+           torch_step: bool = False) -> dict:
     """Record one fixture; returns its provenance (code paths included)."""
     from equiv_reference.mamba3.runner import Mamba3SsmRunner
 
-    runner = Mamba3SsmRunner(path, "float32", device=device, interpreter_adaptations=device == "cpu")
+    runner = Mamba3SsmRunner(path, "float32", device=device, interpreter_adaptations=device == "cpu",
+                             torch_step_fallback=torch_step)
     rec = RecordingRunner(runner)
     cfg = runner.cfg
     rec.run(layerwise_ids(cfg.vocab_size, seq_len, seed), None)
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path("fixtures/golden"))
     ap.add_argument("--fixtures-root", type=Path, default=Path("fixtures"))
     ap.add_argument("--fixture", action="append", dest="fixtures", help="fixture name (default: all three)")
+    ap.add_argument("--torch-step", action="store_true",
+                    help="where the CuTe step cannot import, decode through mamba_ssm's torch reference of "
+                         "it (recorded in the provenance); without it decode fails naming the CuTe kernel")
     args = ap.parse_args(argv)
     if torch.cuda.is_available():
         device = "cuda"
@@ -73,7 +78,7 @@ def main(argv=None) -> int:
     failed = 0
     for name in args.fixtures or FIXTURES:
         try:
-            prov = record(args.fixtures_root / name, args.out, device)
+            prov = record(args.fixtures_root / name, args.out, device, torch_step=args.torch_step)
         except Exception as e:  # noqa: BLE001 - one fixture's failure is reported, the rest still run
             failed += 1
             meta["fixtures"][name] = {"error": f"{type(e).__name__}: {e}"[:400]}

@@ -117,7 +117,7 @@ class Mamba3SsmRunner:
     name = "mamba_ssm"
 
     def __init__(self, checkpoint_dir: str | Path, dtype: str = "float32", *, device: str = "cuda",
-                 interpreter_adaptations: bool = False):
+                 interpreter_adaptations: bool = False, torch_step_fallback: bool = False):
         if dtype not in DTYPES:
             raise ReferenceError(f"dtype: expected one of {sorted(DTYPES)} for mamba_ssm (its float64 oracle "
                                  f"is equiv/mamba3/oracle.py: equiv_reference.mamba3.references.oracle), "
@@ -137,6 +137,9 @@ class Mamba3SsmRunner:
         self.code = kernels.load_mamba3()
         self.dtype, self.device, self.checkpoint = dtype, device, str(checkpoint_dir)
         self.adapt = device == "cpu"
+        # where the CuTe step cannot import, decode through mamba_ssm's torch reference of it: only when
+        # asked (or on CPU), and recorded; otherwise decode fails in one line naming the CuTe kernel
+        self.torch_step = self.adapt or bool(torch_step_fallback)
         self.model, self.cfg = load_model(checkpoint_dir, DTYPES[dtype], device, self.code)
         if self.cfg.is_mimo and "mamba3_mimo_combined" in self.code.missing:
             raise ReferenceError(f"checkpoint {checkpoint_dir.name}: MIMO needs mamba_ssm's TileLang kernel "
@@ -159,8 +162,10 @@ class Mamba3SsmRunner:
         code, m3 = self.code, self.code.mamba3
         if self.adapt:
             self.adaptations = kernels.adapt_for_interpreter(code, ptx=True, float32_inputs=True)
-            if "mamba3_step_fn" in code.missing:
-                self.adaptations.append(kernels.use_torch_step(code))
+        if self.torch_step and "mamba3_step_fn" in code.missing:
+            step = kernels.use_torch_step(code)
+            if step not in self.adaptations:
+                self.adaptations.append(step)
         saved = {name: getattr(m3, name) for name in COUNTED}
 
         def counting(name, fn):
@@ -193,8 +198,7 @@ class Mamba3SsmRunner:
             code.siso_combined.angle_dt_fwd = angle_saved
             for name, fn in saved.items():
                 setattr(m3, name, fn)
-            if self.adapt:
-                kernels.restore(code)
+            kernels.restore(code)
 
     def _inputs(self, ids, mask):
         ids, mask = check_tokens(ids, self.cfg.vocab_size, mask)
@@ -387,7 +391,7 @@ class Mamba3SsmRunner:
             bound = getattr(m3, name)
             if name in missing:
                 ran = ("mamba_ssm's pure-torch selective_state_update_fused_ref_v2 (float32) in its place"
-                       if name == "mamba3_step_fn" and self.adapt else "unavailable")
+                       if name == "mamba3_step_fn" and self.torch_step else "unavailable")
                 entry = {"kernel": kernels.KERNEL_GLOBALS[name], "ran": ran, "why": missing[name]}
             else:
                 where = f"{getattr(bound, '__module__', '?')}.{getattr(bound, '__qualname__', '?')}"
@@ -412,7 +416,7 @@ class Mamba3SsmRunner:
             "versions": versions,
             "untested_versions": prov.untested_versions(),
             "code_paths": self.code_paths(),
-            "interpreter_adaptations": list(self.adaptations) if self.adapt else [],
+            "interpreter_adaptations": list(self.adaptations) if self.adapt or self.torch_step else [],
             "path": ("Triton interpreter on CPU with the adaptations listed: the kernels' algorithms in "
                      "float32 numpy arithmetic, not the GPU's numerics" if self.adapt else "GPU kernels"),
             "kernel_precision": "mamba3_siso_combined casts Q, K, V, Trap, Angles and Z to bfloat16 for "
