@@ -114,7 +114,7 @@ class PlantedModel(Mamba2Model):
         self._swaps |= {
             (port_module, "_forward_jit"): unjitted(port_module._forward_jit),
             (port_module, "_isolated_layer"): unjitted(port_module._isolated_layer),
-            (gen, "prefill"): unjitted(gen.prefill),
+            (gen, "_prefill"): unjitted(gen._prefill),  # gen.prefill (segments) calls it by name
             (gen, "decode_step_jit"): ops["decode_step"],
             (gen, "decode_loop"): jax.jit(_clone(gen.decode_loop.__wrapped__),
                                           static_argnames=("cfg", "max_new_tokens")),
