@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import textwrap
 import time
@@ -308,17 +309,37 @@ def _check_one(name: str, path: str, golden: bool, port_spec: str, family_name: 
                          progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
 
 
-def _check_in_processes(targets, golden, port_spec, workers, progress) -> list[FixtureOutcome]:
-    """Checkpoints fanned out over processes (spawned: JAX and torch threads do not survive fork).
-    Results come back in the input order, so reports do not depend on the worker count."""
+def _suite_one(family_name: str, golden: bool, examples: int | None) -> tuple[dict, float]:
+    """Worker-process entry for a family's property suite: (its result, seconds)."""
+    from equiv.families import family
+
+    t0 = time.perf_counter()
+    result = run_property_suite(family(family_name), golden, examples,
+                                progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
+    return result, time.perf_counter() - t0
+
+
+def _check_in_processes(targets, families, golden, port_spec, workers, examples, progress):
+    """Checkpoints and property suites (None: not run) fanned out over one pool of processes
+    (spawned: JAX and torch threads do not survive fork), the suites first since they are the
+    longest jobs. Results come back in the input order, so reports do not depend on the worker
+    count. Returns (outcomes, {family name: (suite result, seconds)})."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    progress(f"checking {len(targets)} checkpoints in {workers} processes")
+    progress(f"checking {len(targets)} checkpoints and {len(families)} property suites in {workers} "
+             "processes")
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        suites = {fam.name: pool.submit(_suite_one, fam.name, golden, examples) for fam in families}
         futures = [pool.submit(_check_one, name, str(path), golden, port_spec, fam.name)
                    for name, path, fam in targets]
-        return [f.result() for f in futures]
+        return [f.result() for f in futures], {k: f.result() for k, f in suites.items()}
+
+
+def default_workers() -> int:
+    """Processes for the main job: the machine's cores, at most 4 (each holds JAX and torch, ~1.5 GB).
+    Two cores check the bundled fixtures and suites in about half the single-process time."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, golden: bool, port_spec: str):
@@ -360,19 +381,25 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
     targets = _targets(fixture_names, checkpoints, golden, port_spec)
     families = list({fam.name: fam for _, _, fam in targets}.values())
     ports = {fam.name: resolve_port(port_spec, fam) for fam in families}  # a bad --port fails before any work
-    if workers > 1 and len(targets) > 1:
-        outcomes = _check_in_processes(targets, golden, port_spec, workers, progress)
+    suite_families = families if properties else []
+    if workers > 1 and len(targets) + len(suite_families) > 1:
+        outcomes, ran = _check_in_processes(targets, suite_families, golden, port_spec, workers,
+                                            property_examples, progress)
     else:
         outcomes = [check_fixture(name, path, ports[fam.name],
                                   reference_loader(fam, golden, fixtures_root() / "golden"), progress)
                     for name, path, fam in targets]
+        ran = {}
+        for fam in suite_families:  # each family's suite once, whatever number of its checkpoints ran
+            t_suite = time.perf_counter()
+            result = run_property_suite(fam, golden, property_examples, progress)
+            ran[fam.name] = result, time.perf_counter() - t_suite
     timings = {o.name: round(o.seconds, 2) for o in outcomes}
     suites = {}
-    for fam in families:  # each family's suite once, whatever number of its checkpoints ran
-        t_suite = time.perf_counter()
-        suites[fam.properties.title] = (run_property_suite(fam, golden, property_examples, progress)
-                                        if properties else not_run("disabled with --no-properties"))
-        timings[f"{fam.name}_properties_s"] = round(time.perf_counter() - t_suite, 2)
+    for fam in families:
+        result, seconds = ran.get(fam.name, (not_run("disabled with --no-properties"), 0.0))
+        suites[fam.properties.title] = result
+        timings[f"{fam.name}_properties_s"] = round(seconds, 2)
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     installed = tested_versions.installed_versions()
     provenance = {"port": port_spec, "golden": golden, "versions": installed,

@@ -37,18 +37,22 @@ def register(subparsers) -> None:
                    help="a check that could not run does not fail the job (it is still reported NOT RUN)")
     p.add_argument("--property-examples", type=int, default=None, metavar="N",
                    help="hypothesis examples per property (default: each suite's own)")
-    p.add_argument("-n", "--workers", type=int, default=1, metavar="N",
-                   help="check fixtures in N processes (same results, same report, any N)")
+    p.add_argument("-n", "--workers", type=int, default=None, metavar="N",
+                   help="check fixtures and property suites in N processes (same results, same report, "
+                        "any N; default: the machine's cores, at most 4)")
     p.add_argument("--out", default="equivalence-report",
                    help="report directory (default: equivalence-report)")
     p.set_defaults(func=run_check)
 
 
 def run_check(args, progress) -> int:
-    from equiv.check import run_main_job
+    from equiv.check import default_workers, run_main_job
+    from equiv.errors import EquivError
 
+    if args.workers is not None and args.workers < 1:
+        raise EquivError(f"--workers: expected a number of processes >= 1, got {args.workers}")
     return run_main_job(args.fixtures, Path(args.out), golden=args.golden, port_spec=args.port,
                         properties=not args.no_properties, progress=progress.stage,
-                        workers=max(1, args.workers),
+                        workers=default_workers() if args.workers is None else args.workers,
                         allow_not_run=args.allow_not_run, property_examples=args.property_examples,
                         checkpoints=args.checkpoints)

@@ -41,11 +41,12 @@ def test_a_check_that_did_not_run_is_never_a_pass(tmp_path):
 
 
 def test_ssd_properties_in_the_main_job_are_reproducible(tmp_path):
-    """The properties run in process, derandomized: two runs draw the same examples."""
+    """The properties are derandomized: two runs draw the same examples, in this process (one
+    worker) and in a worker process of the pool (two workers) alike."""
     results = []
-    for name in ("a", "b"):
+    for name, workers in (("a", 1), ("b", 2)):
         code = run_main_job(["tiny-g1"], tmp_path / name, golden=True, property_examples=2,
-                            progress=lambda _m: None)
+                            progress=lambda _m: None, workers=workers)
         assert code == 0
         suites = json.loads((tmp_path / name / "summary.json").read_text())["property_suites"]
         results.append(suites["SSD duality"])
