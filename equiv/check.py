@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv import tested_versions
+from equiv import compile_cache, tested_versions
 from equiv.decode import DecodeResult, match_greedy
 from equiv.errors import EquivError, ReferenceChanged, ReportWriteError, first_line
 from equiv.families import Family, family_of_checkpoint, import_attr
@@ -303,6 +303,7 @@ def _check_one(name: str, path: str, golden: bool, port_spec: str, family_name: 
     from equiv.fixtures import fixtures_root
     from equiv.ports import resolve_port
 
+    compile_cache.enable()
     fam = family(family_name)
     load_ref = reference_loader(fam, golden, fixtures_root() / "golden")
     return check_fixture(name, Path(path), resolve_port(port_spec, fam), load_ref,
@@ -313,6 +314,7 @@ def _suite_one(family_name: str, golden: bool, examples: int | None) -> tuple[di
     """Worker-process entry for a family's property suite: (its result, seconds)."""
     from equiv.families import family
 
+    compile_cache.enable()
     t0 = time.perf_counter()
     result = run_property_suite(family(family_name), golden, examples,
                                 progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
@@ -378,6 +380,9 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
     from equiv.ports import resolve_port
 
     t0 = time.perf_counter()
+    cache = compile_cache.enable()
+    if cache:
+        progress(f"XLA compilation cache: {cache} (SSM_EQUIV_JAX_CACHE_DIR='' turns it off)")
     targets = _targets(fixture_names, checkpoints, golden, port_spec)
     families = list({fam.name: fam for _, _, fam in targets}.values())
     ports = {fam.name: resolve_port(port_spec, fam) for fam in families}  # a bad --port fails before any work

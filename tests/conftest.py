@@ -12,12 +12,13 @@ Profiles (choose with SSM_EQUIV_HYPOTHESIS_PROFILE, default `ci`):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import jax
 from hypothesis import HealthCheck, settings
+
+from equiv import compile_cache
 
 # Equinox-style strictness: implicit rank promotion hides broadcasting bugs,
 # and float32 verification must not silently run reduced-precision matmuls.
@@ -25,16 +26,10 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # XLA's compile dominates these tests' time (the SSD suites compile ~30 small executables, about a
-# second each on this machine). A persistent compilation cache shares them between xdist workers
-# and across runs; results are unaffected (entries are keyed by the program, the compile options
-# and the jax/XLA versions). SSM_EQUIV_JAX_CACHE_DIR picks the directory ("" turns it off). The size
-# limit turns on jax's file lock around reads and writes, which concurrent workers need.
-_DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation-cache"
-_CACHE_DIR = os.environ.get("SSM_EQUIV_JAX_CACHE_DIR", str(_DEFAULT_CACHE))
-if _CACHE_DIR and importlib.util.find_spec("filelock") is not None:
-    jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_compilation_cache_max_size", 512 * 2**20)
+# second each on this machine): the persistent compilation cache (equiv/compile_cache.py) shares
+# them between xdist workers and across runs, in the repository's .pytest_cache unless
+# SSM_EQUIV_JAX_CACHE_DIR says otherwise.
+compile_cache.enable(Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax-compilation-cache")
 
 CI_EXAMPLES = 30
 
