@@ -22,6 +22,8 @@ import numpy as np
 
 from equiv.compare import FLOOR_ULPS, compare_tap, max_error_guard, tolerance, ulp_at
 from equiv.mamba1 import scan
+from equiv.property_runner import RatioLog, recording  # noqa: F401 - re-exported
+from equiv.property_runner import record as _record
 
 FORMS = scan.MODES  # the whole-sequence forms: "sequential", "associative", "chunked"
 
@@ -102,40 +104,6 @@ def time_slice(kw: dict, lo: int, hi: int | None = None, **replace) -> dict:
 def concat(first, second) -> tuple[np.ndarray, np.ndarray]:
     """The (y, last_state) of two consecutive spans: y joined along time, the second's state."""
     return np.concatenate([first[0], second[0]], axis=1), second[1]
-
-
-# ---------------------------------------------------------------------------------------------
-# the worst ratio seen
-
-
-class RatioLog:
-    """The largest RMS and max-error ratios the budget checks saw while it was active."""
-
-    def __init__(self) -> None:
-        self.worst = 0.0
-        self.worst_max = 0.0
-
-    def record(self, ratio: float, ratio_max: float) -> None:
-        self.worst = max(self.worst, float(ratio))
-        self.worst_max = max(self.worst_max, float(ratio_max))
-
-
-_ACTIVE: list[RatioLog] = []
-
-
-@contextlib.contextmanager
-def recording(log: RatioLog) -> Iterator[RatioLog]:
-    """Every budget check inside the block records its ratios in `log`."""
-    _ACTIVE.append(log)
-    try:
-        yield log
-    finally:
-        _ACTIVE.remove(log)
-
-
-def _record(ratio: float, ratio_max: float) -> None:
-    for log in _ACTIVE:
-        log.record(ratio, ratio_max)
 
 
 # ---------------------------------------------------------------------------------------------

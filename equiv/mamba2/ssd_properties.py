@@ -19,18 +19,18 @@ shrinking (the first falsifying example is reported as drawn), inside `strict_ja
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from equiv.mamba2 import ssd_harness as H
 from equiv.mamba2.ssd_harness import SSDReferences
 from equiv.mamba2.ssd_strategies import BUCKETS, Regime, SSDInstance, build_instance, ssd_instances
+from equiv.property_runner import run_properties, runner_settings  # noqa: F401 - runner_settings re-exported
 
 # ---------------------------------------------------------------------------------------------
 # the properties
@@ -328,49 +328,6 @@ take about 13 s of it, then ~5 ms per example); 1,000 per property took 67 s. Co
 run_ssd_properties; print(run_ssd_properties(NumpySSDReferences())['detail'])"`."""
 
 
-def runner_settings(examples_per_property: int) -> settings:
-    """Deterministic hypothesis settings for the main job: derandomized, no database, no deadline
-    (the first example of each bucket pays the compiles), one failure per property, shrunk before it
-    is reported (shrinking runs only after a failure, so a passing suite costs nothing more; the
-    report then names the simplest counterexample hypothesis found)."""
-    return settings(max_examples=examples_per_property, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow],
-                    phases=(Phase.explicit, Phase.generate, Phase.shrink),
-                    report_multiple_bugs=False, print_blob=False)
-
-
-_FAILING_PREFIXES = ("Failing test case", "Failing explicit example", "Falsifying example",
-                     "Falsifying explicit example")
-"""How hypothesis introduces the falsifying example in the notes of the exception it re-raises
-(6.1xx says "Failing ...", older releases "Falsifying ...")."""
-
-
-_GENERIC_HEADERS = ("Arrays are not equal", "Not equal to tolerance")
-"""numpy.testing's first lines, which say nothing of which check failed (its err_msg follows)."""
-
-
-def _failure_detail(exc: BaseException) -> str:
-    """One line: the failure's first line and the falsifying example hypothesis attached to it."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    first = lines[0] if lines else "(no message)"
-    if first.startswith(_GENERIC_HEADERS) and len(lines) > 1:  # numpy.testing: the err_msg is next
-        first = f"{first}: {lines[1]}"
-    head = f"{type(exc).__name__}: {first}"
-    for note in getattr(exc, "__notes__", ()) or ():
-        if note.startswith(_FAILING_PREFIXES):
-            call = re.sub(r"\s+", " ", note.split(":", 1)[1]).strip()
-            call = call.replace("( ", "(").replace(",)", ")").replace(", )", ")")
-            return f"{head} [falsifying example: {call}]"
-    return head
-
-
-def _replayed(exc: BaseException) -> bool:
-    """Whether hypothesis replayed the falsifying example after drawing it (a drawn example is
-    replayed once for the report, without shrinking; a failing explicit example is not)."""
-    notes = getattr(exc, "__notes__", ()) or ()
-    return any(n.startswith(("Failing test case", "Falsifying example")) for n in notes)
-
-
 def run_ssd_properties(references: SSDReferences, examples_per_property: int = DEFAULT_EXAMPLES_PER_PROPERTY,
                        progress: Callable[[str], None] | None = None) -> dict:
     """Run every SSD property on `examples_per_property` drawn examples each (plus the explicit
@@ -385,45 +342,8 @@ def run_ssd_properties(references: SSDReferences, examples_per_property: int = D
     check) is a failure with its message; the runner itself does not raise. The strict jax
     configuration (`equiv.mamba2.ssd_harness.strict_jax`) is in effect for the whole run and restored
     after."""
-    test_settings = runner_settings(examples_per_property)
-    rows = []
-    with H.strict_jax():
-        for prop in PROPERTIES:
-            if progress is not None:
-                progress(f"SSD property {prop.name} ...")
-            count = [0]
-
-            def tick(count=count):
-                count[0] += 1
-
-            try:
-                hypothesis_test(prop, references, test_settings, on_example=tick)()
-            except Exception as exc:  # any failure is the property's verdict
-                rows.append({"name": prop.name, "verdict": "fail", "examples": count[0] - _replayed(exc),
-                             "detail": _failure_detail(exc)})
-            else:
-                rows.append({"name": prop.name, "verdict": "pass", "examples": count[0], "detail": ""})
-    passed = sum(r["verdict"] == "pass" for r in rows)
-    examples = sum(r["examples"] for r in rows)
-    failed = [r["name"] for r in rows if r["verdict"] != "pass"]
-    try:
-        provenance = references.provenance()
-    except Exception as exc:  # reported, not fatal
-        provenance = {"name": getattr(references, "name", "?"), "error": f"{type(exc).__name__}: {exc}"}
-    detail = f"{passed}/{len(rows)} properties, {examples} examples, budget from {references.name} float32"
-    if failed:
-        detail += f"; failed: {', '.join(failed)}"
-    return {
-        "verdict": "pass" if not failed else "fail",
-        "properties_run": len(rows),
-        "properties_passed": passed,
-        "properties_failed": len(failed),
-        "examples": examples,
-        "examples_per_property": examples_per_property,
-        "references": provenance,
-        "properties": rows,
-        "detail": detail,
-    }
+    return run_properties(PROPERTIES, references, hypothesis_test, examples_per_property,
+                          label="SSD property", strict=H.strict_jax, progress=progress)
 
 
 __all__ = [

@@ -29,6 +29,8 @@ import numpy as np
 
 from equiv.compare import FLOOR_ULPS, compare_tap, max_error_guard, tolerance, ulp_at
 from equiv.mamba3 import oracle, ssm
+from equiv.property_runner import RatioLog, recording  # noqa: F401 - re-exported
+from equiv.property_runner import record as _record
 
 FORMS = ssm.MODES  # the whole-sequence forms: "chunked", "sequential"
 OUTPUTS = ("y", "state", "angles")
@@ -175,40 +177,6 @@ def outputs(result) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What the budget judges of a (y, State, theta): y, the last SSM state, theta."""
     y, state, theta = result
     return np.asarray(y), np.asarray(state.ssm), np.asarray(theta)
-
-
-# ---------------------------------------------------------------------------------------------
-# the worst ratio seen
-
-
-class RatioLog:
-    """The largest RMS and max-error ratios the budget checks saw while it was active."""
-
-    def __init__(self) -> None:
-        self.worst = 0.0
-        self.worst_max = 0.0
-
-    def record(self, ratio: float, ratio_max: float) -> None:
-        self.worst = max(self.worst, float(ratio))
-        self.worst_max = max(self.worst_max, float(ratio_max))
-
-
-_ACTIVE: list[RatioLog] = []
-
-
-@contextlib.contextmanager
-def recording(log: RatioLog) -> Iterator[RatioLog]:
-    """Every budget check inside the block records its ratios in `log`."""
-    _ACTIVE.append(log)
-    try:
-        yield log
-    finally:
-        _ACTIVE.remove(log)
-
-
-def _record(ratio: float, ratio_max: float) -> None:
-    for log in _ACTIVE:
-        log.record(ratio, ratio_max)
 
 
 # ---------------------------------------------------------------------------------------------

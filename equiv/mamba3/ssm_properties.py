@@ -52,13 +52,11 @@ the same with `--property-examples 80`, or `run_ssm_properties(NumpySSMReference
 
 from __future__ import annotations
 
-import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from equiv.mamba3 import ssm_harness as H
@@ -72,6 +70,7 @@ from equiv.mamba3.ssm_strategies import (
     instances_and_chunks,
     ssm_instances,
 )
+from equiv.property_runner import run_properties, runner_settings  # noqa: F401 - runner_settings re-exported
 
 BUDGETED = (f"RMS <= {H.BUDGET:g}x and max <= {H.MAX_GUARD:g}x the float32 reference's error vs the "
             "float64 oracle")
@@ -328,41 +327,6 @@ DEFAULT_EXAMPLES_PER_PROPERTY = 20
 80: the module docstring; the tests: tests/test_mamba3_ssm_properties.py)."""
 
 
-def runner_settings(examples_per_property: int) -> settings:
-    """Deterministic hypothesis settings for the main job: derandomized, no database, no deadline
-    (the first example of each bucket pays the compiles), one failure per property, shrunk before
-    it is reported (shrinking runs only after a failure)."""
-    return settings(max_examples=examples_per_property, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow],
-                    phases=(Phase.explicit, Phase.generate, Phase.shrink),
-                    report_multiple_bugs=False, print_blob=False)
-
-
-_FAILING_PREFIXES = ("Failing test case", "Failing explicit example", "Falsifying example",
-                     "Falsifying explicit example")
-_GENERIC_HEADERS = ("Arrays are not equal", "Not equal to tolerance")
-
-
-def _failure_detail(exc: BaseException) -> str:
-    """One line: the failure's first line and the falsifying example hypothesis attached to it."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    first = lines[0] if lines else "(no message)"
-    if first.startswith(_GENERIC_HEADERS) and len(lines) > 1:  # numpy.testing: the err_msg is next
-        first = f"{first}: {lines[1]}"
-    head = f"{type(exc).__name__}: {first}"
-    for note in getattr(exc, "__notes__", ()) or ():
-        if note.startswith(_FAILING_PREFIXES):
-            call = re.sub(r"\s+", " ", note.split(":", 1)[1]).strip()
-            call = call.replace("( ", "(").replace(",)", ")").replace(", )", ")")
-            return f"{head} [falsifying example: {call}]"
-    return head
-
-
-def _replayed(exc: BaseException) -> bool:
-    notes = getattr(exc, "__notes__", ()) or ()
-    return any(n.startswith(("Failing test case", "Falsifying example")) for n in notes)
-
-
 def run_ssm_properties(references: SSMReferences, examples_per_property: int | None = None,
                        progress: Callable[[str], None] | None = print) -> dict:
     """Run every Mamba-3 SSM property on `examples_per_property` drawn examples each (default
@@ -380,54 +344,8 @@ def run_ssm_properties(references: SSMReferences, examples_per_property: int | N
     anything is a failure with its message; the runner itself does not raise. `strict_jax()` is in
     effect for the whole run and restored after."""
     n = DEFAULT_EXAMPLES_PER_PROPERTY if examples_per_property is None else examples_per_property
-    test_settings = runner_settings(n)
-    rows = []
-    start = time.perf_counter()
-    with H.strict_jax():
-        for prop in PROPERTIES:
-            if progress is not None:
-                progress(f"Mamba-3 SSM property {prop.name} ...")
-            count = [0]
-
-            def tick(count=count):
-                count[0] += 1
-
-            log, t0 = H.RatioLog(), time.perf_counter()
-            try:
-                with H.recording(log):
-                    hypothesis_test(prop, references, test_settings, on_example=tick)()
-            except Exception as exc:  # any failure is the property's verdict
-                row = {"name": prop.name, "verdict": "fail", "examples": count[0] - _replayed(exc),
-                       "detail": _failure_detail(exc)}
-            else:
-                row = {"name": prop.name, "verdict": "pass", "examples": count[0], "detail": ""}
-            budgeted = prop.budget != EXACT
-            row.update(budget=prop.budget, worst_ratio=round(log.worst, 4) if budgeted else None,
-                       worst_max_ratio=round(log.worst_max, 4) if budgeted else None,
-                       seconds=round(time.perf_counter() - t0, 3))
-            rows.append(row)
-    passed = sum(r["verdict"] == "pass" for r in rows)
-    examples = sum(r["examples"] for r in rows)
-    failed = [r["name"] for r in rows if r["verdict"] != "pass"]
-    try:
-        provenance = references.provenance()
-    except Exception as exc:  # reported, not fatal
-        provenance = {"name": getattr(references, "name", "?"), "error": f"{type(exc).__name__}: {exc}"}
-    detail = f"{passed}/{len(rows)} properties, {examples} examples, budget from {references.name} float32"
-    if failed:
-        detail += f"; failed: {', '.join(failed)}"
-    return {
-        "verdict": "pass" if not failed else "fail",
-        "properties_run": len(rows),
-        "properties_passed": passed,
-        "properties_failed": len(failed),
-        "examples": examples,
-        "examples_per_property": n,
-        "references": provenance,
-        "seconds": round(time.perf_counter() - start, 3),
-        "properties": rows,
-        "detail": detail,
-    }
+    return run_properties(PROPERTIES, references, hypothesis_test, n, label="Mamba-3 SSM property",
+                          strict=H.strict_jax, progress=progress, exact=EXACT)
 
 
 __all__ = [
