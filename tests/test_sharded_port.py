@@ -66,7 +66,7 @@ def _child(out_path: str) -> None:
     from equiv.families import family_of_checkpoint
     from equiv.layerwise import run_layerwise
     from equiv.mamba2.port import Mamba2Port
-    from equiv.mamba2.sharding import Remembered, UnshardedPort, against_unsharded, shard
+    from equiv.mamba2.sharded_vs_unsharded import Remembered, UnshardedPort, against_unsharded, shard
     from equiv.references import load_reference
 
     assert jax.device_count() == DEVICES, jax.devices()

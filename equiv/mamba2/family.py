@@ -19,5 +19,5 @@ FAMILY = Family(
     trained_fixtures={"trained-bytes": "equiv_reference.mamba2.train_byte_model"},
     streaming={"port": "equiv.mamba2.layer_stream:stream_port",
                "reference": "equiv_reference.mamba2.layer_stream:stream_transformers"},
-    sharding="equiv.mamba2.sharding",
+    sharding="equiv.mamba2.sharded_vs_unsharded",
 )
