@@ -14,10 +14,6 @@ equiv/mamba3/ itself is never edited.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import types
-from collections import Counter
 from dataclasses import dataclass
 
 import jax
@@ -28,6 +24,7 @@ from equiv.mamba3 import model as m
 from equiv.mamba3 import port as port_module
 from equiv.mamba3 import ssm
 from equiv.mamba3.port import Mamba3Model
+from tests.planted_swaps import Swapping
 
 f32, bf16 = jnp.float32, jnp.bfloat16
 
@@ -196,62 +193,16 @@ DEFECTS = {d.name: d for d in (
 # planting
 
 
-def _rejit(jitted, static):
-    """A fresh jit of a clone of `jitted`'s Python function (same code and globals, a new object)."""
-    f = jitted.__wrapped__
-    clone = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    clone.__kwdefaults__ = f.__kwdefaults__
-    return jax.jit(clone, static_argnames=static)
-
-
-class PlantedMamba3Model(Mamba3Model):
+class PlantedMamba3Model(Swapping, Mamba3Model):
     """A `LoadedModel` running `defect` (no overrides: the correct port, through the same fresh jits)."""
+
+    _modules = _MODULES
 
     def __init__(self, base: Mamba3Model, defect: Defect):
         super().__init__(base.cfg, base.params, base.dtype, base.source, base.format, base.precision,
                          base.mode)
         self.defect = defect
-        self.traced: Counter = Counter()  # broken function name -> times called (traced, under jit)
-        # (home module, attribute) -> replacement, swapped wherever the original is referenced
-        self._swaps = {(home, attr): self._counted(attr, fn) for home, attr, fn in defect.overrides}
-        self._swaps |= {(home, name): _rejit(getattr(home, name), static)
-                        for home, name, static in _ENTRY_POINTS}
-
-    def _counted(self, name, fn):
-        @functools.wraps(fn)
-        def broken(*args, **kwargs):
-            self.traced[name] += 1
-            return fn(*args, **kwargs)
-        return broken
-
-    @contextlib.contextmanager
-    def _planted(self):
-        swaps = [(mod, attr, new) for (home, attr), new in self._swaps.items()
-                 for mod in _MODULES if getattr(mod, attr, None) is getattr(home, attr)]
-        saved = [(mod, attr, getattr(mod, attr)) for mod, attr, _ in swaps]
-        try:
-            for mod, attr, new in swaps:
-                setattr(mod, attr, new)
-            yield
-        finally:
-            for mod, attr, old in reversed(saved):
-                setattr(mod, attr, old)
-
-    def forward(self, ids, mask=None, taps=True):
-        with self._planted():
-            return super().forward(ids, mask, taps)
-
-    def forward_isolated(self, ids, mask, inputs):
-        with self._planted():
-            return super().forward_isolated(ids, mask, inputs)
-
-    def step_logits(self, ids, mask, prompt_len):
-        with self._planted():
-            return super().step_logits(ids, mask, prompt_len)
-
-    def generate(self, prompt, mask=None, max_new_tokens=32, eos_id=None):
-        with self._planted():
-            return super().generate(prompt, mask, max_new_tokens, eos_id)
+        self.set_swaps(defect.overrides, _ENTRY_POINTS)
 
 
 def plant(base: Mamba3Model, defect: Defect | str | None) -> PlantedMamba3Model:
