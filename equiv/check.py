@@ -62,7 +62,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
-def plan_for(fixture_path: Path, vocab_size: int, decode_lengths, seed: int = 0) -> Plan:
+def plan_for(fixture_path: Path, vocab_size: int, decode_lengths, seed: int = 0,
+             unpadded: bool = False) -> Plan:
     """Inputs for one checkpoint, from what the loaded port declares (protocol v1: its vocab_size
     and decode_lengths; an int is one length). Trained checkpoints (with training.json) decode
     their recorded text prompts, 64 tokens each, alone and as one left-padded batch. Any other
@@ -84,8 +85,9 @@ def plan_for(fixture_path: Path, vocab_size: int, decode_lengths, seed: int = 0)
         prompts = [rng.integers(0, vocab_size, n).tolist() for n in straddle]
         layer_ids = rng.integers(0, vocab_size, (2, 2 * max(lengths) + 5)).astype(np.int32)
         eos, pad, n_new = None, 0, 64
-    batches = [(np.asarray([p], np.int32), None) for p in prompts] if meta is not None else []
-    batches.append(left_pad(prompts, pad))
+    batches = [(np.asarray([p], np.int32), None) for p in prompts] if meta is not None or unpadded else []
+    if not unpadded:
+        batches.append(left_pad(prompts, pad))
     return Plan(layer_ids, batches, n_new, eos)
 
 
@@ -122,14 +124,16 @@ class FixtureOutcome:
                 "decode": [d.to_dict() for d in self.decode]}
 
 
-def check_fixture(name: str, path: Path, port, load_ref, progress=print) -> FixtureOutcome:
+def check_fixture(name: str, path: Path, port, load_ref, progress=print,
+                  unpadded: bool = False) -> FixtureOutcome:
     """Layer-wise diff in both modes and the decode match for one fixture. A bad input (corrupt
     checkpoint, missing recording, a port or reference that raises) is recorded on the outcome, so
     the other fixtures still run and the report says what was wrong. A changed reference library
-    stops the whole job: every fixture would meet it."""
+    stops the whole job: every fixture would meet it. `unpadded`: plan_for's, for a reference that
+    takes no attention mask."""
     t0 = time.perf_counter()
     try:
-        return _check_fixture(name, path, port, load_ref, progress)
+        return _check_fixture(name, path, port, load_ref, progress, unpadded)
     except ReferenceChanged:
         raise
     except EquivError as e:
@@ -141,7 +145,7 @@ def check_fixture(name: str, path: Path, port, load_ref, progress=print) -> Fixt
         return FixtureOutcome(name, error=message, seconds=time.perf_counter() - t0)
 
 
-def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOutcome:
+def _check_fixture(name: str, path: Path, port, load_ref, progress, unpadded: bool) -> FixtureOutcome:
     out = FixtureOutcome(name)
     t0 = time.perf_counter()
     model = port.load(path)
@@ -149,7 +153,7 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress) -> FixtureOu
     check_loaded_model(model, port_name, uses=("layer-wise diff", "decode match"))
     require_memory(model, port_name, *plan_extent(model.decode_lengths),
                    f"{name}: the inputs its decode_lengths {tuple(model.decode_lengths)[:4]} imply")
-    plan = plan_for(path, int(model.vocab_size), model.decode_lengths)
+    plan = plan_for(path, int(model.vocab_size), model.decode_lengths, unpadded=unpadded)
     for ids, _ in plan.decode_batches:
         require_memory(model, port_name, ids.shape[0], ids.shape[1] + plan.max_new_tokens,
                        f"{name}: a decode batch of {ids.shape[0]} x {ids.shape[1]} tokens")
@@ -297,7 +301,24 @@ def reference_loader(fam: Family, golden: bool, golden_dir: Path):
     return lambda path, dtype: load_reference(fam.default_reference, path, dtype, family=fam)
 
 
-def _check_one(name: str, path: str, golden: bool, port_spec: str, family_name: str) -> FixtureOutcome:
+def recorded_loader(fam: Family, recorded: str, golden: bool, golden_dir: Path):
+    """(path, dtype) -> runner for a check against a GPU recording of `recorded` (one of
+    fam.recorded_references): float32 replays fixtures/golden/<fixture>/<recorded>-float32, the
+    float64 oracle is the family's default reference's, live or golden as the run is."""
+    from equiv.golden import GoldenRunner
+
+    oracle = reference_loader(fam, golden, golden_dir)
+    return lambda path, dtype: (GoldenRunner(golden_dir / Path(path).name / f"{recorded}-{dtype}")
+                                if dtype == "float32" else oracle(path, dtype))
+
+
+def loader_for(fam: Family, recorded: str, golden: bool, golden_dir: Path):
+    return recorded_loader(fam, recorded, golden, golden_dir) if recorded else \
+        reference_loader(fam, golden, golden_dir)
+
+
+def _check_one(name: str, path: str, golden: bool, port_spec: str, family_name: str,
+               recorded: str = "") -> FixtureOutcome:
     """Worker-process entry: everything re-resolved from names (nothing unpicklable crosses)."""
     from equiv.families import family
     from equiv.fixtures import fixtures_root
@@ -305,9 +326,10 @@ def _check_one(name: str, path: str, golden: bool, port_spec: str, family_name: 
 
     compile_cache.enable()
     fam = family(family_name)
-    load_ref = reference_loader(fam, golden, fixtures_root() / "golden")
+    load_ref = loader_for(fam, recorded, golden, fixtures_root() / "golden")
     return check_fixture(name, Path(path), resolve_port(port_spec, fam), load_ref,
-                         progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True))
+                         progress=lambda msg: print(f"equiv: {msg}", file=sys.stderr, flush=True),
+                         unpadded=bool(recorded))
 
 
 def _suite_one(family_name: str, golden: bool, examples: int | None) -> tuple[dict, float]:
@@ -333,8 +355,8 @@ def _check_in_processes(targets, families, golden, port_spec, workers, examples,
              "processes")
     with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         suites = {fam.name: pool.submit(_suite_one, fam.name, golden, examples) for fam in families}
-        futures = [pool.submit(_check_one, name, str(path), golden, port_spec, fam.name)
-                   for name, path, fam in targets]
+        futures = [pool.submit(_check_one, name, str(path), golden, port_spec, fam.name, recorded)
+                   for name, path, fam, recorded in targets]
         return [f.result() for f in futures], {k: f.result() for k, f in suites.items()}
 
 
@@ -345,10 +367,12 @@ def default_workers() -> int:
 
 
 def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, golden: bool, port_spec: str):
-    """[(report name, directory, family)]: the named (else, with no checkpoint either, every bundled
-    fixture the port is registered for: all for `builtin`, its own family's for a family's named
-    port), verified against its manifest, then each checkpoint directory given by path."""
-    from equiv.fixtures import list_fixtures, verify_fixture
+    """[(report name, directory, family, recorded reference or "")]: the named (else, with no
+    checkpoint either, every bundled fixture the port is registered for: all for `builtin`, its own
+    family's for a family's named port), verified against its manifest; each bundled fixture again
+    as "<fixture>@<reference>" for every recording of one of its family's recorded_references; then
+    each checkpoint directory given by path."""
+    from equiv.fixtures import fixtures_root, list_fixtures, verify_fixture
 
     checkpoints = [Path(c) for c in checkpoints or []]
     if golden and checkpoints:
@@ -357,16 +381,20 @@ def _targets(fixture_names: list[str] | None, checkpoints: list[Path] | None, go
     for c in checkpoints:
         require_checkpoint_dir(c)
     names = fixture_names or ([] if checkpoints else [n for n in list_fixtures() if n != "golden"])
-    targets = [(name, path, family_of_checkpoint(path)) for name in names for path in [verify_fixture(name)]]
+    targets = [(name, path, family_of_checkpoint(path), "") for name in names
+               for path in [verify_fixture(name)]]
     if not fixture_names and port_spec != "builtin" and ":" not in port_spec:
         targets = [t for t in targets if port_spec in t[2].ports]
-    taken = {name for name, _, _ in targets}
+    targets += [(f"{name}@{ref}", path, fam, ref) for name, path, fam, _ in list(targets)
+                for ref in fam.recorded_references
+                if (fixtures_root() / "golden" / name / f"{ref}-float32.json").is_file()]
+    taken = {t[0] for t in targets}
     for c in checkpoints:  # a report directory per checkpoint, named after it, never clobbered
         name = c.resolve().name or "checkpoint"
         while name in taken:
             name += "_"
         taken.add(name)
-        targets.append((name, c, family_of_checkpoint(c)))
+        targets.append((name, c, family_of_checkpoint(c), ""))
     return targets
 
 
@@ -384,7 +412,7 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
     if cache:
         progress(f"XLA compilation cache: {cache} (SSM_EQUIV_JAX_CACHE_DIR='' turns it off)")
     targets = _targets(fixture_names, checkpoints, golden, port_spec)
-    families = list({fam.name: fam for _, _, fam in targets}.values())
+    families = list({fam.name: fam for _, _, fam, _ in targets}.values())
     ports = {fam.name: resolve_port(port_spec, fam) for fam in families}  # a bad --port fails before any work
     suite_families = families if properties else []
     if workers > 1 and len(targets) + len(suite_families) > 1:
@@ -392,8 +420,9 @@ def run_main_job(fixture_names: list[str] | None, out_dir: Path, golden: bool = 
                                             property_examples, progress)
     else:
         outcomes = [check_fixture(name, path, ports[fam.name],
-                                  reference_loader(fam, golden, fixtures_root() / "golden"), progress)
-                    for name, path, fam in targets]
+                                  loader_for(fam, recorded, golden, fixtures_root() / "golden"), progress,
+                                  unpadded=bool(recorded))
+                    for name, path, fam, recorded in targets]
         ran = {}
         for fam in suite_families:  # each family's suite once, whatever number of its checkpoints ran
             t_suite = time.perf_counter()

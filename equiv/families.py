@@ -60,6 +60,10 @@ class Family:
     # `equiv diff --mesh`: the module with shard(model, data, model_axis, port=) and
     # diff_against_unsharded(sharded, unsharded, oracle, ids, args, progress); empty: no sharded port
     sharding: str = ""
+    # references that need hardware CI lacks (a GPU's kernels), replayed from recordings: where
+    # fixtures/golden/<fixture>/<name>-float32.* exists, the main job also checks "<fixture>@<name>"
+    # against it. Such references take no attention mask: those checks decode unpadded prompts.
+    recorded_references: tuple[str, ...] = ()
 
 
 class UnknownFamily(ConfigError):

@@ -25,6 +25,7 @@ FAMILY = Family(
                              torch_free_references="equiv.mamba3.ssm_numpy:NumpySSMReferences"),
     fixture_builders=("equiv_reference.mamba3.make_fixtures",),
     trained_fixtures={},
+    recorded_references=("mamba_ssm",),
     notes={"untrained": "no trained Mamba-3 fixture: mamba_ssm's Mamba-3 trains only through its GPU "
                         "kernels; greedy decode on the random fixtures is judged with the near-tie "
                         "classification (equiv/decode.py)",
