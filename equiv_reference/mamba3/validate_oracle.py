@@ -35,6 +35,7 @@ import json
 import math
 import platform
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -453,10 +454,15 @@ def main(argv=None) -> int:
     for name, run in sections.items():
         if name in skip:
             continue
+        t0 = time.perf_counter()
+        print(f"-- {name}: running", flush=True)  # the first kernel section also compiles and autotunes
         try:
             results[name] = run()
         except Exception as e:  # noqa: BLE001 - a section that cannot run is reported, the rest still runs
             results[name] = [_not_run(name, e)]
+        print(f"-- {name}: {len(results[name])} rows in {time.perf_counter() - t0:.0f} s", flush=True)
+        args.json.write_text(json.dumps({"partial": True, "results": results}, indent=1, sort_keys=True,
+                                        default=str) + "\n")  # nothing lost if a later section hangs
     print(f"{'check':74s} {'ratio':>10s} {'max-ratio':>10s} {'arith':>8s}")
     for name, rows in results.items():
         print(f"-- {name}")
