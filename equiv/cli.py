@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:  # --help / --version: argparse has printed, exit as it asks
             return int(e.code or 0)
         command = args.command
+        from equiv.kblock import requested_layout  # here: imports JAX, which --help need not
+        requested_layout()  # SSM_EQUIV_WEIGHT_LAYOUT checked before any work, not per checkpoint
         return int(args.func(args, progress))
     except (EquivError, OSError) as e:
         progress.close()

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from equiv.kblock import Rows, rows_dot
 from equiv.mamba1.config import Mamba1Config
 from equiv.mamba1.scan import selective_scan, selective_step
 
@@ -54,19 +55,25 @@ def empty_cache(cfg: Mamba1Config, batch: int, dtype) -> Cache:
 
 def linear(x, w, b=None):
     """x @ w (+ b), accumulated in float32 and rounded once to the weight's dtype (torch's CPU
-    addmm does the same for bfloat16). `w` is an array or a tuple of K-blocks from `split_k`: then
-    one dot per block, summed in order, because XLA:CPU's float32 dot accumulates long
-    contractions less accurately than torch's (equiv/mamba2/model.py `linear` has the
-    measurements); blocks of 256 come back to torch's error."""
-    blocks = tuple(w) if isinstance(w, (tuple, list)) else (w,)
-    dtype = blocks[0].dtype
-    x = x.astype(dtype)
-    y, start = None, 0
-    for block in blocks:
-        k = block.shape[0]
-        xb = x if len(blocks) == 1 else x[..., start:start + k]
-        part = jnp.einsum("...i,io->...o", xb, block, preferred_element_type=f32)
-        y, start = (part if y is None else y + part), start + k
+    addmm does the same for bfloat16). `w` is the (K, N) array; or `Rows`, the (N, K) weight
+    (equiv/kblock.py says when the port stores which form): one dot over its last axis, the
+    einsum's arguments otherwise; or a tuple of K-blocks from `split_k`: one dot per block, summed
+    in order, because XLA:CPU's float32 dot accumulates long contractions less accurately than
+    torch's (equiv/mamba2/model.py `linear` has the measurements); blocks of 256 come back to
+    torch's error."""
+    if isinstance(w, Rows):
+        dtype = w.dtype
+        y = rows_dot(x.astype(dtype), w.w, preferred_element_type=f32)
+    else:
+        blocks = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+        dtype = blocks[0].dtype
+        x = x.astype(dtype)
+        y, start = None, 0
+        for block in blocks:
+            k = block.shape[0]
+            xb = x if len(blocks) == 1 else x[..., start:start + k]
+            part = jnp.einsum("...i,io->...o", xb, block, preferred_element_type=f32)
+            y, start = (part if y is None else y + part), start + k
     if b is not None:
         y = y + jnp.broadcast_to(b.astype(f32), y.shape)
     return y.astype(dtype)

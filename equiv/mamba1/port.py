@@ -18,7 +18,7 @@ import numpy as np
 import equiv
 from equiv.errors import EquivError
 from equiv.inputs import check_tokens
-from equiv.kblock import for_backend
+from equiv.kblock import HEAD, for_backend, layout_details
 from equiv.mamba1 import model as m
 from equiv.mamba1.config import Mamba1Config
 from equiv.mamba1.convert import load_checkpoint
@@ -76,7 +76,8 @@ class Mamba1Model:
             "jax": jax.__version__, "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()], "dtype": self.dtype, "precision": self.precision,
             "jax_default_matmul_precision": self.precision, "scan": self.scan_mode,
-            "checkpoint_format": self.format, "checkpoint": self.source})
+            "checkpoint_format": self.format, "checkpoint": self.source,
+            **layout_details(self.params, PROJECTIONS)})
 
     def _check(self, ids, mask):
         return check_tokens(ids, self.cfg.vocab_size, mask)
@@ -147,7 +148,8 @@ class Mamba1Model:
         return GenerateResult(np.asarray(tokens)[:, :steps], np.asarray(margins)[:, :steps], steps)
 
 
-PROJECTIONS = ("in_proj", "x_proj", "out_proj")  # K-blocked on CPU (equiv/kblock.py)
+PROJECTIONS = ("in_proj", "x_proj", "out_proj")  # K-blocks on CPU, rows elsewhere (equiv/kblock.py)
+ROWS_ALSO = ("dt_proj", *HEAD)  # short K (dt_rank) or the untied head: whole, or rows where the rest are
 
 
 class Mamba1Port:
@@ -163,5 +165,5 @@ class Mamba1Port:
 
     def load(self, checkpoint_dir: str | Path, dtype: str = "float32") -> Mamba1Model:
         cfg, params, fmt = load_checkpoint(checkpoint_dir, dtype)
-        params = for_backend(params, PROJECTIONS)
+        params = for_backend(params, PROJECTIONS, rows_also=ROWS_ALSO)
         return Mamba1Model(cfg, params, dtype, str(checkpoint_dir), fmt, self.precision, self.scan_mode)

@@ -22,12 +22,13 @@ import numpy as np
 from equiv.errors import CheckpointError
 from equiv.inputs import check_tokens, require_checkpoint_dir
 from equiv.io.layer_reader import TensorIndex
+from equiv.kblock import HEAD, arrange, weight_layout
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.config_file import load_config
 from equiv.mamba2.convert import _check_dtype, check_tensors, to_port_layout
 from equiv.mamba2.footprint import F32, ssd_bytes
-from equiv.mamba2.port import Mamba2Model, _isolated_layer
+from equiv.mamba2.port import PROJECTIONS, Mamba2Model, _isolated_layer
 from equiv.mamba2.taps import layer_taps, tap_names
 from equiv.ports import PortInfo
 
@@ -317,11 +318,13 @@ class StreamedPort:
             raise CheckpointError(f"{self.fmt} checkpoint: expected finite weights in "
                                   f"{np.dtype(self.np_dtype).name}, got NaN/inf in {len(nonfinite)} tensors: "
                                   f"{', '.join(nonfinite[:8])}")
-        # in_proj / out_proj as K-blocks, as Mamba2Port.load holds them (model.linear says why): the
-        # same arrays as m.split_k makes, cut on the host so each block is copied once
-        split = lambda v: tuple(jnp.asarray(v[a:a + m.MATMUL_K_BLOCK])  # noqa: E731
-                                for a in range(0, v.shape[0], m.MATMUL_K_BLOCK))
-        return {k: split(v) if k in ("in_proj", "out_proj") else jnp.asarray(v) for k, v in params.items()}
+        # the projections (and an untied head) in the form Mamba2Port.load holds them on this backend
+        # (equiv/kblock.py: K-blocks on CPU, rows elsewhere), cut or transposed on the host so each
+        # weight is copied to the device once, in its stored form
+        layout = weight_layout()
+        arranged = {k: arrange(v, layout) if k in PROJECTIONS or (k in HEAD and layout == "rows") else v
+                    for k, v in params.items()}
+        return jax.tree.map(jnp.asarray, arranged)
 
 
 def stream_port(checkpoint_dir: str | Path, dtype: str = "float32", *, reader: TensorIndex | None = None):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from equiv.kblock import MATMUL_K_BLOCK, split_k  # noqa: F401 - the port's weight layout
+from equiv.kblock import MATMUL_K_BLOCK, Rows, cut_columns, rows_dot, split_k  # noqa: F401 - the weight layout
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.ssd import ssd_chunked, ssd_readout, ssd_step
 
@@ -57,15 +57,18 @@ def whole(x):
 
 
 def linear(x, w, b=None):
-    """x @ w (+ b). `w` is an array, or a tuple of K-blocks (equiv/kblock.py: how the port stores its
-    projections on CPU, and why): then one dot per block, summed in order. `x` is an array, or
+    """x @ w (+ b). `w` is the (K, N) array; or a tuple of K-blocks (equiv/kblock.py says when the port
+    stores which form, and why): one dot per block, summed in order; or `Rows`, the (N, K) weight:
+    one dot over its last axis, the einsum's dot_general arguments otherwise. `x` is an array, or
     already a tuple of column blocks matching w's (`k_spans`). Without blocks, trained-bytes fails
     the budget on CPU (2.81x at layers.3.mixer.ssm, accumulated mode). The x blocks are best produced by
     the norm that computes x (rms_norm / gated_rms_norm with spans): slicing a finished x copies it,
     and the 130m prefill measured 0.20 s slower for it (1.07 s against 0.88 s unsplit); produced in
     blocks the split dots cost what one dot costs. Precision comes from the caller's
     jax.default_matmul_precision scope."""
-    if isinstance(w, (tuple, list)):
+    if isinstance(w, Rows):
+        y = rows_dot(whole(x), w.w)
+    elif isinstance(w, (tuple, list)):
         if not isinstance(x, tuple):
             x = tuple(x[..., start:stop] for start, stop in k_spans(w))
         y = None
@@ -194,8 +197,7 @@ def mixer_last_position(cfg, lp, normed, mask, conv_state, ssm_state, chunk_size
     w, bias = lp["in_proj"], lp.get("in_proj_bias")
 
     def columns(start, stop):  # in_proj (weight, bias) restricted to these output columns
-        cut = lambda a: None if a is None else a[..., start:stop]  # noqa: E731
-        return (tuple(map(cut, w)) if isinstance(w, (tuple, list)) else cut(w)), cut(bias)
+        return cut_columns(w, start, stop), None if bias is None else bias[..., start:stop]
 
     xbcdt = linear(masked, *columns(d, None))
     last = tuple(m[:, -1:] for m in masked) if isinstance(masked, tuple) else masked[:, -1:]

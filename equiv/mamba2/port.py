@@ -17,7 +17,7 @@ import numpy as np
 import equiv
 from equiv.errors import EquivError
 from equiv.inputs import check_tokens
-from equiv.kblock import for_backend
+from equiv.kblock import for_backend, layout_details
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.convert import load_checkpoint
@@ -64,7 +64,8 @@ class Mamba2Model:
             "implementation": "equiv.mamba2 (pure JAX)", "jax": jax.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
             "dtype": self.dtype, "jax_default_matmul_precision": self.precision,
-            "chunk_size": self.cfg.chunk_size, "checkpoint_format": self.format, "checkpoint": self.source})
+            "chunk_size": self.cfg.chunk_size, "checkpoint_format": self.format, "checkpoint": self.source,
+            **layout_details(self.params, PROJECTIONS)})
 
     def memory_estimate(self, batch: int, seq_len: int) -> int:
         """Bytes of the largest forward of (batch, seq_len) tokens (equiv/mamba2/footprint.py); the
@@ -152,7 +153,7 @@ class Mamba2Model:
         return generate(self.params, self.cfg, prompt, mask, max_new_tokens, eos_id)
 
 
-PROJECTIONS = ("in_proj", "out_proj")  # K-blocked on CPU (equiv/kblock.py)
+PROJECTIONS = ("in_proj", "out_proj")  # K-blocks on CPU, rows elsewhere (equiv/kblock.py)
 
 
 class Mamba2Port:

@@ -31,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from equiv.errors import EquivError, quote
+from equiv.kblock import host_dense
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
 from equiv.mamba2.generate import top2_margin
@@ -150,10 +151,11 @@ def _device_major(lp: dict, lay: Layout) -> dict:
 
 
 def place_params(params: dict, lay: Layout, mesh: Mesh) -> dict:
-    """The unsharded port's params (projections as K-block tuples) -> the same weights on the mesh."""
-    host = lambda a: np.concatenate([np.asarray(b) for b in a]) if isinstance(a, tuple) else np.asarray(a)  # noqa: E731
-    layers = [_device_major({k: host(v) for k, v in lp.items()}, lay) for lp in params["layers"]]
-    arranged = {k: layers if k == "layers" else host(v) for k, v in params.items()}
+    """The unsharded port's params (projections in any of equiv/kblock.py's forms) -> the same weights
+    on the mesh. The mesh keeps its own layout on every backend: K-blocks as above (the device-major
+    columns and the per-device out_proj rows are cut from the (K, N) weight), the head whole."""
+    layers = [_device_major({k: host_dense(v) for k, v in lp.items()}, lay) for lp in params["layers"]]
+    arranged = {k: layers if k == "layers" else host_dense(v) for k, v in params.items()}
     return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), arranged,
                         param_specs(arranged))
 

@@ -21,6 +21,11 @@ dtype (bf16 headline; fp32 with torch's TF32 off):
 Ceilings are measured on the card, in the same run: a large bf16 / fp32 matmul, a large device copy.
 The table printed last carries the ratios port / mamba_ssm. `--profile` adds the port's top GPU
 kernels by time (jax.profiler trace) for a prefill and a decode loop.
+
+`--weight-layouts rows,columns` runs the port's measurements once per projection weight layout
+(equiv/kblock.py: rows = stored (out, in), columns = stored (in, out), kblocks; auto = what the
+port loads on this backend, honouring SSM_EQUIV_WEIGHT_LAYOUT); every port row records the layout
+it ran with, and the table has a line per layout.
 """
 
 from __future__ import annotations
@@ -129,23 +134,37 @@ def port_config(model: str):
                         chunk_size=d["chunk_size"], tie_embeddings=True)
 
 
-def port_params(cfg, dtype: str):
-    """Random weights laid out as Mamba2Port.load lays them out on this backend."""
+def resolve_layout(layout: str = "auto") -> str:
+    """"auto" -> the layout Mamba2Port.load uses on this backend (SSM_EQUIV_WEIGHT_LAYOUT honoured)."""
+    from equiv.kblock import LAYOUTS, weight_layout
+
+    if layout == "auto":
+        return weight_layout()
+    if layout not in LAYOUTS:
+        raise SystemExit(f"--weight-layouts: expected auto or one of {', '.join(LAYOUTS)}, got {layout!r}")
+    return layout
+
+
+def port_params(cfg, dtype: str, layout: str = "auto"):
+    """Random weights laid out as Mamba2Port.load lays them out on this backend, or in `layout`."""
     from equiv.kblock import for_backend
     from equiv.mamba2.port import PROJECTIONS
     from equiv_reference.mamba2.gpu_run import random_params
 
-    return for_backend(random_params(cfg, dtype), PROJECTIONS)
+    return for_backend(random_params(cfg, dtype), PROJECTIONS, layout=resolve_layout(layout))
 
 
-def port_rows(model: str, dtype: str, prefill_lens, positions, repeats: int, ceil: dict) -> list[dict]:
+def port_rows(model: str, dtype: str, prefill_lens, positions, repeats: int, ceil: dict,
+              layout: str = "auto") -> list[dict]:
     import jax
     import jax.numpy as jnp
 
     from equiv.mamba2.generate import decode_loop, prefill
 
+    layout = resolve_layout(layout)
+    log(f"port {model} {dtype}: weight layout {layout}")
     cfg = port_config(model)
-    params = port_params(cfg, dtype)
+    params = port_params(cfg, dtype, layout)
     rng = np.random.default_rng(0)
     rows = []
     with jax.default_matmul_precision("highest"):
@@ -155,7 +174,8 @@ def port_rows(model: str, dtype: str, prefill_lens, positions, repeats: int, cei
             jax.block_until_ready(prefill(params, cfg, ids))
             compile_s = time.perf_counter() - t
             sec = _median_time(lambda ids=ids: prefill(params, cfg, ids), repeats, jax.block_until_ready)
-            rows.append(_prefill_row("port", model, dtype, length, sec, compile_s, ceil))
+            rows.append(_prefill_row("port", model, dtype, length, sec, compile_s, ceil)
+                        | {"weight_layout": layout})
         for pos in positions:
             ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (1, pos)), jnp.int32)
             eos, pad = jnp.int32(-1), jnp.int32(0)
@@ -171,7 +191,8 @@ def port_rows(model: str, dtype: str, prefill_lens, positions, repeats: int, cei
             run_loop()  # compiles prefill at this length and the loop
             compile_s = time.perf_counter() - t
             sec = statistics.median(run_loop() for _ in range(repeats))
-            rows.append(_decode_row("port", model, dtype, pos, sec / (NEW_TOKENS - 1), compile_s, ceil))
+            rows.append(_decode_row("port", model, dtype, pos, sec / (NEW_TOKENS - 1), compile_s, ceil)
+                        | {"weight_layout": layout})
     return rows
 
 
@@ -275,14 +296,14 @@ def top_kernels(trace_dir: Path, top: int = 15) -> list[dict]:
             for k, v in total.most_common(top)]
 
 
-def profile_port(model: str, dtype: str, length: int, out: Path) -> dict:
+def profile_port(model: str, dtype: str, length: int, out: Path, layout: str = "auto") -> dict:
     import jax
     import jax.numpy as jnp
 
     from equiv.mamba2.generate import decode_loop, prefill
 
     cfg = port_config(model)
-    params = port_params(cfg, dtype)
+    params = port_params(cfg, dtype, layout)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, length)), jnp.int32)
     short = ids[:, :16]
     result = {}
@@ -291,6 +312,7 @@ def profile_port(model: str, dtype: str, length: int, out: Path) -> dict:
         logits, cache = prefill(params, cfg, short)
         eos, pad = jnp.int32(-1), jnp.int32(0)
         jax.block_until_ready(decode_loop(params, cfg, cache, logits, NEW_TOKENS, eos, pad))
+        result["weight_layout"] = resolve_layout(layout)
         for what in ("prefill", "decode"):
             tdir = Path(tempfile.mkdtemp(prefix=f"trace-{model}-{dtype}-{what}-"))  # not under --out: deep
             logits, cache = prefill(params, cfg, short)
@@ -311,27 +333,34 @@ def profile_port(model: str, dtype: str, length: int, out: Path) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    """One line per (model, dtype, what, length/position): port, mamba_ssm, ratio port/mamba_ssm
-    (speed ratio: >1 means the port is faster)."""
+    """One line per (model, dtype, what, length/position) and port weight layout: port, mamba_ssm,
+    ratio port/mamba_ssm (speed ratio: >1 means the port is faster)."""
     key = lambda r: (r["model"], r["dtype"], r["what"], r.get("length") or r.get("position"))  # noqa: E731
     by = {}
     for r in rows:
-        by.setdefault(key(r), {})[r["impl"]] = r
-    lines = [f"{'model':<6} {'dtype':<9} {'what':<8} {'L/pos':>6} {'port':>14} {'mamba_ssm':>14} "
-             f"{'port/mamba_ssm':>14} {'port util':>10}"]
+        impl = f"port:{r.get('weight_layout', '-')}" if r["impl"] == "port" else r["impl"]
+        by.setdefault(key(r), {})[impl] = r
+    lines = [f"{'model':<6} {'dtype':<9} {'what':<8} {'L/pos':>6} {'layout':>8} {'port':>14} "
+             f"{'mamba_ssm':>14} {'port/mamba_ssm':>14} {'port util':>10}"]
     for k in sorted(by, key=lambda k: (k[0], k[1], k[2], k[3])):
-        p, m = by[k].get("port"), by[k].get("mamba_ssm")
-        if k[2] == "prefill":
-            fmt = lambda r: f"{r['tok_s']:,.0f} tok/s" if r else "-"  # noqa: E731
-            ratio = p["tok_s"] / m["tok_s"] if p and m else None
-            util = p.get("mfu_of_measured_matmul") if p else None
-        else:
-            fmt = lambda r: f"{r['ms_per_token']:.3f} ms" if r else "-"  # noqa: E731
-            ratio = m["ms_per_token"] / p["ms_per_token"] if p and m else None
-            util = p.get("hbm_util_of_measured_copy") if p else None
-        lines.append(f"{k[0]:<6} {k[1]:<9} {k[2]:<8} {k[3]:>6} {fmt(p):>14} {fmt(m):>14} "
-                     f"{(f'{ratio:.2f}x' if ratio else '-'):>14} {(f'{util:.1%}' if util else '-'):>10}")
+        m = by[k].get("mamba_ssm")
+        layouts = sorted(i.split(":", 1)[1] for i in by[k] if i.startswith("port:")) or ["-"]
+        for layout in layouts:
+            lines.append(_table_line(k, layout, by[k].get(f"port:{layout}"), m))
     return "\n".join(lines)
+
+
+def _table_line(k, layout, p, m) -> str:
+    if k[2] == "prefill":
+        fmt = lambda r: f"{r['tok_s']:,.0f} tok/s" if r else "-"  # noqa: E731
+        ratio = p["tok_s"] / m["tok_s"] if p and m else None
+        util = p.get("mfu_of_measured_matmul") if p else None
+    else:
+        fmt = lambda r: f"{r['ms_per_token']:.3f} ms" if r else "-"  # noqa: E731
+        ratio = m["ms_per_token"] / p["ms_per_token"] if p and m else None
+        util = p.get("hbm_util_of_measured_copy") if p else None
+    return (f"{k[0]:<6} {k[1]:<9} {k[2]:<8} {k[3]:>6} {layout:>8} {fmt(p):>14} {fmt(m):>14} "
+            f"{(f'{ratio:.2f}x' if ratio else '-'):>14} {(f'{util:.1%}' if util else '-'):>10}")
 
 
 def environment() -> dict:
@@ -372,29 +401,37 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="also the port's top GPU kernels (bf16, L=2048)")
     ap.add_argument("--no-ceilings", action="store_true")
+    ap.add_argument("--weight-layouts", default="auto",
+                    help="the port's projection layouts to measure, e.g. rows,columns (equiv/kblock.py; "
+                         "auto: the backend's, SSM_EQUIV_WEIGHT_LAYOUT honoured)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"environment": environment(), "command": " ".join(sys.argv), "rows": [], "errors": []}
+    layouts = [resolve_layout(x.strip()) for x in args.weight_layouts.split(",") if x.strip()]
+    report = {"environment": environment(), "command": " ".join(sys.argv), "rows": [], "errors": [],
+              "weight_layouts": layouts}
     report["ceilings"] = {} if args.no_ceilings else ceilings()
     save = lambda: (out / "gpu-bench.json").write_text(json.dumps(report, indent=1, default=str))  # noqa: E731
     impls = {"port": port_rows, "mamba_ssm": mamba_ssm_rows}
     for model in args.models.split(","):
         for dtype in args.dtypes.split(","):
             lens = _ints(args.prefill_lens) + (_ints(args.sweep_lens) if dtype == "bfloat16" else [])
-            for impl in args.impls.split(","):
+            runs = [(impl, {"layout": x} if impl == "port" else {}) for impl in args.impls.split(",")
+                    for x in (layouts if impl == "port" else [None])]
+            for impl, kw in runs:
                 try:  # one failing case must not lose the others' figures
                     report["rows"] += impls[impl](model, dtype, sorted(set(lens)),
                                                   _ints(args.decode_positions), args.repeats,
-                                                  report["ceilings"])
+                                                  report["ceilings"], **kw)
                 except Exception as e:  # noqa: BLE001
-                    msg = f"{impl} {model} {dtype}: {type(e).__name__}: {str(e)[:500]}"
+                    msg = f"{impl} {kw.get('layout', '')} {model} {dtype}: {type(e).__name__}: {str(e)[:500]}"
                     log(f"FAILED {msg}")
                     report["errors"].append(msg)
                 save()
             if args.profile and dtype == "bfloat16" and "port" in args.impls:
                 try:
-                    report.setdefault("profile", {})[model] = profile_port(model, dtype, 2048, out)
+                    report.setdefault("profile", {})[model] = {
+                        x: profile_port(model, dtype, 2048, out, x) for x in layouts}
                 except Exception as e:  # noqa: BLE001 - the figures above are kept
                     report["errors"].append(f"profile {model}: {type(e).__name__}: {str(e)[:500]}")
                 save()
