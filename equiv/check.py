@@ -202,18 +202,19 @@ def _wrapped(text: str) -> list[str]:
 
 def summary_table(outcomes: list[FixtureOutcome], suites: dict[str, dict]) -> str:
     """The one table: a row per checkpoint, then a row per property suite (keyed by its title)."""
-    lines = [f"{'checkpoint':<20} {'pass / compared (acc, iso)':<27} {'decode matched':<13} verdict",
-             "-" * 72]
+    w = max([20] + [len(o.name) for o in outcomes])  # "<fixture>@<reference>" rows are long
+    lines = [f"{'checkpoint':<{w}} {'pass / compared (acc, iso)':<27} {'decode matched':<13} verdict",
+             "-" * (w + 52)]
     for o in outcomes:
         if o.error:
-            lines.append(f"{o.name:<20} {'(not checked)':<41} ERROR")
+            lines.append(f"{o.name:<{w}} {'(not checked)':<41} ERROR")
             lines += _wrapped(o.error)
             continue
         cov = {mode: coverage(r) for mode, r in o.layerwise.items()}
         lw = ", ".join(f"{c['pass']}/{c['compared']}" for c in cov.values())
         matched = sum(sum(d.matched_steps) for d in o.decode)
         total = sum(sum(d.total_steps) for d in o.decode)
-        lines.append(f"{o.name:<20} {lw:<27} {f'{matched}/{total}':<13} {o.verdict.upper()}")
+        lines.append(f"{o.name:<{w}} {lw:<27} {f'{matched}/{total}':<13} {o.verdict.upper()}")
         for mode, r in o.layerwise.items():  # taps not compared are said, never counted as passes
             if cov[mode]["compared"] < cov[mode]["total"]:
                 lines += _wrapped(f"{mode}: {coverage_phrase(r)}")
@@ -224,7 +225,7 @@ def summary_table(outcomes: list[FixtureOutcome], suites: dict[str, dict]) -> st
             if d.verdict != "pass" or d.mismatches or d.reference_consistency.verdict != "pass":
                 lines += _wrapped(f"decode {d.prompt_lengths}: {d.reason}")
     for title, suite in suites.items():
-        lines.append(f"{title:<62} {suite['verdict'].upper()}")
+        lines.append(f"{title:<{w + 42}} {suite['verdict'].upper()}")
         lines += _wrapped(suite["detail"])
         for p in suite.get("properties", []):
             if p.get("verdict") != "pass":
@@ -308,8 +309,16 @@ def recorded_loader(fam: Family, recorded: str, golden: bool, golden_dir: Path):
     from equiv.golden import GoldenRunner
 
     oracle = reference_loader(fam, golden, golden_dir)
-    return lambda path, dtype: (GoldenRunner(golden_dir / Path(path).name / f"{recorded}-{dtype}")
-                                if dtype == "float32" else oracle(path, dtype))
+
+    def load(path, dtype):
+        if dtype != "float32":
+            return oracle(path, dtype)
+        runner = GoldenRunner(golden_dir / Path(path).name / f"{recorded}-{dtype}")
+        if fam.recorded_references[recorded] != dtype:  # judged at the rounding it really computes at
+            runner.judged_precision = fam.recorded_references[recorded]
+        return runner
+
+    return load
 
 
 def loader_for(fam: Family, recorded: str, golden: bool, golden_dir: Path):

@@ -201,6 +201,13 @@ class TapComparison:
     nonfinite: dict = field(default_factory=dict)  # counts and first positions of NaN/Inf
     overflow: bool = False  # non-finite values where the oracle is finite and huge: dtype overflow
     ref_rel_error: float = math.nan  # err_ref / RMS(oracle): the reference's own plausibility
+    # the rounding the reference is judged plausible at, when coarser than `dtype` (a float32 model
+    # whose kernels round inputs to bfloat16); "" = dtype
+    reference_precision: str = ""
+
+    @property
+    def judged_precision(self) -> str:
+        return self.reference_precision or self.dtype
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -223,13 +230,17 @@ def max_error_guard(dtype: str, budget: float, mode: str = "isolated") -> float:
 
 
 def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
-                budget: float | None = None, max_budget: float | None = None) -> TapComparison:
+                budget: float | None = None, max_budget: float | None = None,
+                reference_precision: str | None = None) -> TapComparison:
     """Compare one tap: port and reference (in `dtype`) against the float64 oracle. `max_budget`
-    (the max-error guard) defaults to the per-op guard scaled by budget / the per-op budget."""
+    (the max-error guard) defaults to the per-op guard scaled by budget / the per-op budget.
+    `reference_precision`: where the reference itself rounds coarser than `dtype` (its own
+    declaration), the limit past which it is implausible is that precision's."""
     budget = tolerance(dtype).budget if budget is None else budget
     if max_budget is None:
         max_budget = max_error_guard(dtype, budget)
-    out = TapComparison(name=name, dtype=dtype, budget=budget, max_budget=max_budget)
+    out = TapComparison(name=name, dtype=dtype, budget=budget, max_budget=max_budget,
+                        reference_precision=reference_precision or "")
     arrays = {"port": port, "reference": reference, "oracle": oracle}
     missing = [k for k, v in arrays.items() if v is None]
     if missing:
@@ -312,12 +323,12 @@ def compare_tap(name: str, port, reference, oracle, dtype: str = "float32",
     elif not port.any() and not reference.any() and not oracle.any():
         out.verdict, out.reason = "unavailable", ALL_ZERO_REASON
         out.ratio = out.ratio_max = math.nan  # 0 / floor: a ratio that measured nothing
-    elif reference_implausible(out.ref_rel_error, dtype):
+    elif reference_implausible(out.ref_rel_error, out.judged_precision):
         out.verdict = "fail"
-        ref_limit = tolerance(dtype, "reference_rel_error_max").budget
+        ref_limit = tolerance(out.judged_precision, "reference_rel_error_max").budget
         out.reason = (f"the reference itself is {out.ref_rel_error:.2g} (relative RMS) from the float64 "
-                      f"oracle, beyond any {dtype} rounding (limit {ref_limit:g}): reference and oracle "
-                      f"compute different math, so the budget cannot judge this tap; the port is "
+                      f"oracle, beyond any {out.judged_precision} rounding (limit {ref_limit:g}): reference "
+                      f"and oracle compute different math, so the budget cannot judge this tap; the port is "
                       f"{out.err_port / max(rms_scale, 1e-30):.2g} from the oracle")
     elif out.ratio <= budget and out.ratio_max <= max_budget:
         out.verdict = "pass"

@@ -141,8 +141,11 @@ def match_greedy(model, reference, oracle, prompts: np.ndarray, mask: np.ndarray
     oracle_full = full_logits(oracle, seq, full_mask)[:, P - 1:P - 1 + T]
     valid = [len(r) for r in ref_tok]  # compare only steps the reference really generated
     sel = lambda a: np.concatenate([a[i, :valid[i]] for i in range(b)])  # noqa: E731
-    logits_cmp = compare_tap("decode.logits", sel(port_steps), sel(ref_full), sel(oracle_full), dtype)
-    ref_cmp = compare_tap("reference.cached_decode", sel(ref_steps), sel(ref_full), sel(oracle_full), dtype)
+    precision = getattr(reference, "judged_precision", None)  # as in run_layerwise
+    logits_cmp = compare_tap("decode.logits", sel(port_steps), sel(ref_full), sel(oracle_full), dtype,
+                             reference_precision=precision)
+    ref_cmp = compare_tap("reference.cached_decode", sel(ref_steps), sel(ref_full), sel(oracle_full), dtype,
+                          reference_precision=precision)
 
     result = DecodeResult(prompt_lengths=lengths, max_new_tokens=max_new_tokens, port_tokens=port_tok,
                           reference_tokens=ref_tok, matched_steps=[], total_steps=valid,

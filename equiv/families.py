@@ -60,10 +60,11 @@ class Family:
     # `equiv diff --mesh`: the module with shard(model, data, model_axis, port=) and
     # diff_against_unsharded(sharded, unsharded, oracle, ids, args, progress); empty: no sharded port
     sharding: str = ""
-    # references that need hardware CI lacks (a GPU's kernels), replayed from recordings: where
-    # fixtures/golden/<fixture>/<name>-float32.* exists, the main job also checks "<fixture>@<name>"
-    # against it. Such references take no attention mask: those checks decode unpadded prompts.
-    recorded_references: tuple[str, ...] = ()
+    # references that need hardware CI lacks (a GPU's kernels), replayed from recordings: name -> the
+    # rounding the reference really computes at ("float32", or "bfloat16" for kernels that round their
+    # inputs so). Where fixtures/golden/<fixture>/<name>-float32.* exists, the main job also checks
+    # "<fixture>@<name>" against it, unpadded (such references take no attention mask).
+    recorded_references: dict[str, str] = field(default_factory=dict)
 
 
 class UnknownFamily(ConfigError):

@@ -117,7 +117,7 @@ def fail_cause(t) -> str | None:
         return "nonfinite"
     if not math.isfinite(t.ratio):
         return "other"
-    if reference_implausible(t.ref_rel_error, t.dtype):
+    if reference_implausible(t.ref_rel_error, t.judged_precision):
         return "reference"
     if t.ratio > t.budget:
         return "rms"

@@ -99,3 +99,21 @@ def test_a_kernel_recording_answers_the_main_jobs_check_and_nothing_else(tmp_pat
     assert outcome.reference["path"].startswith("Triton interpreter")
     padded = check_fixture("mamba3-tiny-siso@mamba_ssm", path, resolve_port("builtin", fam), load, quiet)
     assert "mamba_ssm-float32" in padded.error and "no " in padded.error and "\n" not in padded.error
+
+
+def test_a_reference_declaring_bfloat16_is_judged_plausible_at_bfloat16_only():
+    """A reference 3% from the oracle (mamba_ssm's GPU angles tap, whose inputs are bfloat16) is
+    implausible as float32 (the tap fails whatever the port does) and judged by the budget when it
+    declares bfloat16; 30% is implausible either way."""
+    from equiv.compare import compare_tap
+
+    rng = np.random.default_rng(0)
+    oracle = rng.standard_normal(4096)
+    port = oracle + 1e-7 * rng.standard_normal(4096)
+    cases = [(0.03, None, "fail"), (0.03, "bfloat16", "pass"), (0.3, "bfloat16", "fail")]
+    for rel, precision, verdict in cases:
+        ref = oracle + rel * rng.standard_normal(4096)
+        t = compare_tap("t", port, ref, oracle, "float32", reference_precision=precision)
+        assert t.verdict == verdict, (rel, precision, t.reason)
+        assert (t.verdict == "fail") == t.reason.startswith("the reference itself is")
+    assert family("mamba3").recorded_references == {"mamba_ssm": "bfloat16"}

@@ -140,6 +140,9 @@ class Mamba3SsmRunner:
         # where the CuTe step cannot import, decode through mamba_ssm's torch reference of it: only when
         # asked (or on CPU), and recorded; otherwise decode fails in one line naming the CuTe kernel
         self.torch_step = self.adapt or bool(torch_step_fallback)
+        # on a GPU the SISO kernel rounds q, k, x, trap, angles and z to bfloat16 (kernel_precision in
+        # provenance): the harness judges this reference's plausibility at that rounding, not float32's
+        self.judged_precision = "bfloat16" if device != "cpu" else None
         self.model, self.cfg = load_model(checkpoint_dir, DTYPES[dtype], device, self.code)
         if self.cfg.is_mimo and "mamba3_mimo_combined" in self.code.missing:
             raise ReferenceError(f"checkpoint {checkpoint_dir.name}: MIMO needs mamba_ssm's TileLang kernel "
