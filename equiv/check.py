@@ -106,6 +106,7 @@ class FixtureOutcome:
     error: str = ""
     seconds: float = 0.0
     reference: dict = field(default_factory=dict)  # its provenance after every call of the fixture
+    not_run: dict[str, str] = field(default_factory=dict)  # check -> why (isolated mode: optional)
 
     @property
     def verdict(self) -> str:
@@ -113,13 +114,13 @@ class FixtureOutcome:
             return "error"
         bad = [r for r in self.layerwise.values() if r.verdict != "equivalent"]
         bad += [d for d in self.decode if d.verdict != "pass"]
-        return "fail" if bad else "pass"
+        return "fail" if bad else "not run" if self.not_run else "pass"
 
     def to_dict(self) -> dict:
         from equiv.report import to_json_dict
 
         return {"fixture": self.name, "verdict": self.verdict, "error": self.error or None,
-                "reference": self.reference,
+                "reference": self.reference, "not_run": self.not_run or None,
                 "layerwise": {mode: to_json_dict(r) for mode, r in self.layerwise.items()},
                 "decode": [d.to_dict() for d in self.decode]}
 
@@ -162,6 +163,11 @@ def _check_fixture(name: str, path: Path, port, load_ref, progress, unpadded: bo
         progress(f"[{name}] layer-wise diff, {mode}")
         out.layerwise[mode] = run_layerwise(model, reference, oracle, plan.layerwise_ids, None, mode=mode,
                                             seed=0)
+        cannot = [n for n in out.layerwise[mode].notes if n.startswith("the port cannot run isolated mode")]
+        if cannot:  # isolated mode is optional in protocol v1: not run, said, never a pass
+            out.not_run[mode] = f"{port_name}: {cannot[0]}"
+            del out.layerwise[mode]
+            continue
         if out.layerwise[mode].verdict == "inconclusive":  # nothing compared is no verdict: an input error
             raise EquivError(f"{name}: {mode} layer-wise diff: no tap could be compared: "
                              f"{coverage_phrase(out.layerwise[mode])}")
@@ -211,7 +217,7 @@ def summary_table(outcomes: list[FixtureOutcome], suites: dict[str, dict]) -> st
             lines += _wrapped(o.error)
             continue
         cov = {mode: coverage(r) for mode, r in o.layerwise.items()}
-        lw = ", ".join(f"{c['pass']}/{c['compared']}" for c in cov.values())
+        lw = ", ".join([f"{c['pass']}/{c['compared']}" for c in cov.values()] + ["-"] * len(o.not_run))
         matched = sum(sum(d.matched_steps) for d in o.decode)
         total = sum(sum(d.total_steps) for d in o.decode)
         lines.append(f"{o.name:<{w}} {lw:<27} {f'{matched}/{total}':<13} {o.verdict.upper()}")
@@ -221,6 +227,7 @@ def summary_table(outcomes: list[FixtureOutcome], suites: dict[str, dict]) -> st
         for mode, r in o.layerwise.items():
             if r.first_divergence:
                 lines += _wrapped(f"{mode}: {r.first_divergence.explanation}")
+        lines += [x for why in o.not_run.values() for x in _wrapped(why)]
         for d in o.decode:
             if d.verdict != "pass" or d.mismatches or d.reference_consistency.verdict != "pass":
                 lines += _wrapped(f"decode {d.prompt_lengths}: {d.reason}")
@@ -269,9 +276,12 @@ def overall_verdict(outcomes: list[FixtureOutcome], suites: dict[str, dict],
                     allow_not_run: bool = False) -> str:
     """'divergent' if anything failed; 'incomplete' if all that ran passed but a check did not run
     (unless allowed); else 'equivalent'. A check that did not run never counts as a pass."""
-    if not all(o.verdict == "pass" for o in outcomes) or any(s["verdict"] == "fail" for s in suites.values()):
+    if any(o.verdict in ("fail", "error") for o in outcomes) or any(s["verdict"] == "fail"
+                                                                     for s in suites.values()):
         return "divergent"
-    if any(s["verdict"] != "pass" for s in suites.values()) and not allow_not_run:
+    not_run = (any(o.verdict == "not run" for o in outcomes)
+               or any(s["verdict"] != "pass" for s in suites.values()))
+    if not_run and not allow_not_run:
         return "incomplete"
     return "equivalent"
 
