@@ -183,12 +183,19 @@ class Mamba3SsmRunner:
         for name, fn in saved.items():
             setattr(m3, name, counting(name, fn))
         angle_saved = code.siso_combined.angle_dt_fwd
+        # the SISO wrapper and the TileLang MIMO module each import angle_dt_fwd into their own namespace
+        # (the MIMO one is reached through its function's globals: TileLang may be absent)
+        namespaces = [vars(code.siso_combined)]
+        mimo = saved.get("mamba3_mimo_combined")
+        if getattr(mimo, "__globals__", {}).get("angle_dt_fwd") is angle_saved:
+            namespaces.append(mimo.__globals__)
         if listener is not None:
             def angle_dt(*args, **kwargs):
                 out = angle_saved(*args, **kwargs)
                 listener("angle_dt_fwd", angle_saved, args, kwargs, out)
                 return out
-            code.siso_combined.angle_dt_fwd = angle_dt
+            for ns in namespaces:
+                ns["angle_dt_fwd"] = angle_dt
         cuda_device, cuda_event = torch.cuda.device, torch.cuda.Event
         if self.device == "cpu":
             torch.cuda.device = _NoCudaDevice
@@ -198,7 +205,8 @@ class Mamba3SsmRunner:
                 yield
         finally:
             torch.cuda.device, torch.cuda.Event = cuda_device, cuda_event
-            code.siso_combined.angle_dt_fwd = angle_saved
+            for ns in namespaces:
+                ns["angle_dt_fwd"] = angle_saved
             for name, fn in saved.items():
                 setattr(m3, name, fn)
             kernels.restore(code)
