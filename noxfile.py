@@ -85,7 +85,7 @@ def install_chromium_in_ci(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The test suite (pytest + hypothesis, ci profile), fanned out over the machine's cores."""
     install_chromium_in_ci(session)
-    install_project(session, "reference", "test", "report", "mamba2-jax")
+    install_project(session, "reference", "test", "report", "mamba2-jax", "mamba3-jax")
     install_mamba_ssm(session)
     workers = os.environ.get("SSM_EQUIV_WORKERS", "2")
     session.run("pytest", "-n", workers, *session.posargs)

@@ -18,7 +18,7 @@ from equiv.io.bounded import read_text
 TOML = Path(__file__).with_name("tested_versions.toml")
 
 VERDICT_PACKAGES = ("transformers", "torch", "mamba-ssm", "jax", "jaxlib", "numpy", "ml-dtypes",
-                    "safetensors", "hypothesis", "kernels", "mamba2-jax", "flax")
+                    "safetensors", "hypothesis", "kernels", "mamba2-jax", "mamba3-jax", "flax")
 """The distributions whose version can change a verdict; every report records them."""
 
 
