@@ -106,7 +106,8 @@ def _mamba2_jax_prefill_last(model, ids):
 
 def mamba2_jax_contenders(ckpt: Path, prefill_ids, prompt) -> list[Contender]:
     import mamba2_jax
-    from equiv.adapters import mamba2_jax as adapter
+
+    from equiv.mamba2 import mamba2_jax_adapter as adapter
 
     loaded = adapter.Mamba2JaxPort().load(ckpt)
     model = loaded.model
