@@ -326,6 +326,7 @@ def recorded_loader(fam: Family, recorded: str, golden: bool, golden_dir: Path):
         runner = GoldenRunner(golden_dir / Path(path).name / f"{recorded}-{dtype}")
         if fam.recorded_references[recorded] != dtype:  # judged at the rounding it really computes at
             runner.judged_precision = fam.recorded_references[recorded]
+        runner.regenerate = fam.notes.get(f"record {recorded}")
         return runner
 
     return load

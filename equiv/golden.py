@@ -101,8 +101,13 @@ class GoldenRunner:
         self.tensors = read_safetensors(data_path)
         self.path = path
 
+    judged_precision: str | None = None  # set by a loader whose reference rounds coarser (equiv/check.py)
+    regenerate: str | None = None  # how the recording is made again, when not `nox -s fixtures`
+
     def provenance(self) -> dict:
-        return self.meta["provenance"] | {"replayed_from": str(self.path)}
+        extra = {k: v for k, v in (("judged_precision", self.judged_precision),
+                                   ("regenerate", self.regenerate)) if v}
+        return self.meta["provenance"] | extra | {"replayed_from": str(self.path)}
 
     def _get(self, key: str, what: str) -> dict[str, np.ndarray]:
         names = self.meta["calls"].get(key)

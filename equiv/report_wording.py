@@ -344,7 +344,8 @@ def golden_replay(result: LayerwiseResult) -> dict | None:
             "code_path": code_path, "dtype": prov.get("dtype"), "checkpoint": prov.get("checkpoint"),
             "versions": dict(prov.get("versions") or {}),
             "environment": {k: v for k, v in env.items() if k in env_keys},
-            "recorded_at": prov.get("recorded_at") or prov.get("timestamp") or prov.get("date")})
+            "recorded_at": prov.get("recorded_at") or prov.get("timestamp") or prov.get("date"),
+            "regenerate": prov.get("regenerate"), "judged_precision": prov.get("judged_precision")})
     if not recordings:
         return None
     return {"statement": _golden_statement(recordings), "recordings": recordings}
@@ -363,6 +364,8 @@ def _golden_statement(recordings: list[dict]) -> str:
     def when(rec, plural=False):
         if rec["recorded_at"]:
             return f"recorded {rec['recorded_at']}"
+        if rec.get("regenerate"):  # not a fixture script's output (a GPU recording)
+            return f"the recording carries no date; {rec['regenerate']} records it again"
         return ("the recordings carry no date: they are deterministic, and `nox -s fixtures` regenerates "
                 "them bit for bit with these versions") if plural else (
                 "the recording carries no date: it is deterministic, and `nox -s fixtures` regenerates it "
@@ -379,8 +382,10 @@ def _golden_statement(recordings: list[dict]) -> str:
     many = len(recordings) > 1
     tail = (f"; {'both ' if many else ''}{made_with(recordings[0])}; {when(recordings[0], many)}"
             if shared else "")
+    judged = [f"the {rec['side']} is judged plausible at {rec['judged_precision']} rounding, the rounding "
+              "it declares it computes at" for rec in recordings if rec.get("judged_precision")]
     return ("GOLDEN MODE: the reference was not run here; its recorded outputs were replayed. "
-            + "; ".join(parts) + tail)
+            + "; ".join(parts + judged) + tail)
 
 
 def ratio_cell(t) -> str:

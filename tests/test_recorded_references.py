@@ -117,3 +117,26 @@ def test_a_reference_declaring_bfloat16_is_judged_plausible_at_bfloat16_only():
         assert t.verdict == verdict, (rel, precision, t.reason)
         assert (t.verdict == "fail") == t.reason.startswith("the reference itself is")
     assert family("mamba3").recorded_references == {"mamba_ssm": "bfloat16"}
+
+
+@pytest.mark.parametrize("name", ["mamba3-tiny-siso", "mamba3-tiny-mimo"])
+def test_the_committed_gpu_recordings_answer_the_check_and_say_what_they_are(name):
+    """The kernels' recordings made on an H100 (SISO: Triton; MIMO: TileLang) answer every call of
+    the main job's check, the built-in port is equivalent against them, and the report says they are
+    GPU recordings judged at bfloat16 and how to record them again (not `nox -s fixtures`)."""
+    from equiv.fixtures import fixtures_root
+    from equiv.report_wording import golden_replay
+
+    fam = family("mamba3")
+    load = recorded_loader(fam, "mamba_ssm", False, fixtures_root() / "golden")
+    outcome = check_fixture(f"{name}@mamba_ssm", fixtures_root() / name, resolve_port("builtin", fam), load,
+                            lambda _m: None, unpadded=True)
+    assert outcome.error == "" and outcome.verdict == "pass", outcome.error
+    assert outcome.reference["path"] == "GPU kernels" and outcome.reference["device"] == "cuda"
+    kernel = "mimo_prefill" if "mimo" in name else "siso_prefill"
+    assert outcome.reference["code_paths"][kernel]["ran"] == "shipped kernel"
+    acc = outcome.layerwise["accumulated"]
+    assert {t.reference_precision for t in acc.taps if t.verdict == "pass"} == {"bfloat16"}
+    statement = golden_replay(acc)["statement"]
+    assert "record_kernels" in statement and "nox -s fixtures" not in statement
+    assert "judged plausible at bfloat16" in statement

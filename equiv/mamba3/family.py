@@ -32,6 +32,8 @@ FAMILY = Family(
                         "classification (equiv/decode.py)",
            "mamba_ssm": "needs a CUDA GPU (its Mamba-3 kernels); its SISO path rounds q, k, x, trap, angle "
                         "and z to bfloat16 even in a float32 model",
+           "record mamba_ssm": "`python -m equiv_reference.mamba3.record_kernels --out fixtures/golden "
+                               "--torch-step` on a CUDA GPU (TileLang importable for the MIMO fixture)",
            "A": "mamba_ssm 2.3.2.post1's A = -softplus(dd_A); its main branch's heavy-tail activation "
                 "reads the same checkpoint keys with other math (docs/mamba3-layout.md)"},
 )
