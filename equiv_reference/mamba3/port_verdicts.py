@@ -2,15 +2,15 @@
 oracle, with the budget's float32 reference chosen on the command line:
 
     python -m equiv_reference.mamba3.port_verdicts --port equiv.mamba3.mamba3_jax_adapter:Mamba3JaxPort \\
-        [--reference oracle32|mamba_ssm|golden] [--fixture NAME ...] [--seq-len 40] [--seed 0] [--json PATH]
+        [--reference oracle32|mamba_ssm] [--fixture NAME ...] [--seq-len 40] [--seed 0] [--json PATH]
 
 `oracle32` is equiv/mamba3/oracle.py run in float32 (an independent float32 computation, any
 machine). `mamba_ssm` is the kernel reference (equiv_reference/mamba3/runner.py): on a GPU as
 shipped; on CPU (TRITON_INTERPRET=1 in the environment) through the interpreter with its recorded
-adaptations, so there it is the kernels' algorithm in float32, not their GPU numerics. `golden`
-replays what `python -m equiv_reference.mamba3.record_kernels` recorded of the kernels on a GPU
-(fixtures/golden/<fixture>/mamba_ssm-float32.*), for the same inputs (`layerwise_ids`,
-`decode_prompts`), on any machine.
+adaptations, so there it is the kernels' algorithm in float32, not their GPU numerics. What the
+kernels computed on a GPU is replayed by the main job's own check instead (`equiv check --port
+SPEC --fixture NAME`, rows "<fixture>@mamba_ssm"): `record_kernels` records that check's inputs,
+not this script's.
 
 Until the Mamba-3 family is registered, `equiv diff CHECKPOINT --port module:attr --reference
 equiv_reference.mamba3.references:oracle` gives the same layer-wise table; this adds the decode
@@ -41,10 +41,6 @@ def load_reference(kind: str, path: Path):
 
     if kind == "oracle32":
         return Mamba3OracleRunner(path, "float32")
-    if kind == "golden":
-        from equiv.golden import GoldenRunner
-
-        return GoldenRunner(path.parent / "golden" / path.name / "mamba_ssm-float32")
     import os
 
     from equiv_reference.mamba3.runner import Mamba3SsmRunner
@@ -98,7 +94,7 @@ def verdicts(port_spec: str, reference: str, fixture: Path, seq_len: int, seed: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--port", required=True, help="module:attr of a Port")
-    ap.add_argument("--reference", choices=("oracle32", "mamba_ssm", "golden"), default="oracle32")
+    ap.add_argument("--reference", choices=("oracle32", "mamba_ssm"), default="oracle32")
     ap.add_argument("--fixture", action="append", dest="fixtures", help="fixture name (default: all three)")
     ap.add_argument("--fixtures-root", type=Path, default=Path("fixtures"))
     ap.add_argument("--seq-len", type=int, default=40)
