@@ -74,6 +74,19 @@ def rows_dot(x, w, preferred_element_type=None):
                                preferred_element_type=preferred_element_type or jnp.result_type(x, w))
 
 
+def kblocks_dot(x, w, preferred_element_type=None):
+    """x @ w for `w` an array or a tuple of K-blocks (`split_k`): one dot per block over x's matching
+    columns, summed in block order, the order the K-blocks exist for (module docstring)."""
+    blocks = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    y, start = None, 0
+    for block in blocks:
+        k = block.shape[0]
+        xb = x if len(blocks) == 1 else x[..., start:start + k]
+        part = jnp.einsum("...i,io->...o", xb, block, preferred_element_type=preferred_element_type)
+        y, start = (part if y is None else y + part), start + k
+    return y
+
+
 def requested_layout() -> str:
     """SSM_EQUIV_WEIGHT_LAYOUT: "auto" (unset or empty: the per-backend choice) or one of LAYOUTS;
     anything else is one EquivError line naming the expected values and what came."""

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from equiv.kblock import Rows, rows_dot
+from equiv.kblock import Rows, kblocks_dot, rows_dot
 from equiv.mamba1.config import Mamba1Config
 from equiv.mamba1.scan import selective_scan, selective_step
 
@@ -65,15 +65,8 @@ def linear(x, w, b=None):
         dtype = w.dtype
         y = rows_dot(x.astype(dtype), w.w, preferred_element_type=f32)
     else:
-        blocks = tuple(w) if isinstance(w, (tuple, list)) else (w,)
-        dtype = blocks[0].dtype
-        x = x.astype(dtype)
-        y, start = None, 0
-        for block in blocks:
-            k = block.shape[0]
-            xb = x if len(blocks) == 1 else x[..., start:start + k]
-            part = jnp.einsum("...i,io->...o", xb, block, preferred_element_type=f32)
-            y, start = (part if y is None else y + part), start + k
+        dtype = (w[0] if isinstance(w, (tuple, list)) else w).dtype
+        y = kblocks_dot(x.astype(dtype), w, preferred_element_type=f32)
     if b is not None:
         y = y + jnp.broadcast_to(b.astype(f32), y.shape)
     return y.astype(dtype)

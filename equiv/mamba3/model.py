@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from equiv.kblock import kblocks_dot
 from equiv.mamba3.config import Mamba3Config
 from equiv.mamba3.ssm import State, cumulative_angles, ssm_forward, ssm_step
 
@@ -91,16 +92,8 @@ def linear(x, w):
     same for bfloat16). `w` is an array or a tuple of K-blocks from `split_k`: one dot per block,
     summed in order, because XLA:CPU's float32 dot accumulates long contractions less accurately
     than torch's (equiv/mamba2/model.py `linear` has the measurements)."""
-    blocks = tuple(w) if isinstance(w, (tuple, list)) else (w,)
-    dtype = blocks[0].dtype
-    x = x.astype(dtype)
-    y, start = None, 0
-    for block in blocks:
-        k = block.shape[0]
-        xb = x if len(blocks) == 1 else x[..., start:start + k]
-        part = jnp.einsum("...i,io->...o", xb, block, preferred_element_type=f32)
-        y, start = (part if y is None else y + part), start + k
-    return y.astype(dtype)
+    dtype = (w[0] if isinstance(w, (tuple, list)) else w).dtype
+    return kblocks_dot(x.astype(dtype), w, preferred_element_type=f32).astype(dtype)
 
 
 def silu(x):
