@@ -1,8 +1,6 @@
 """Greedy generation with the whole loop on device: prefill through the parallel (associative)
-scan, then a lax.while_loop of O(1) decode steps. No host round trip per token; the cache is a
-loop carry that XLA updates in place, and the prefill cache is donated into the loop.
-
-Tie-breaking matches torch: argmax takes the first maximal index.
+scan, then equiv.greedy.greedy_loop over O(1) decode steps. No host round trip per token; the cache
+is a loop carry that XLA updates in place, and the prefill cache is donated into the loop.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from equiv.greedy import top2_margin
+from equiv.greedy import greedy_loop
 from equiv.mamba1.config import Mamba1Config
 from equiv.mamba1.model import Cache, decode_step, forward
 
@@ -43,28 +41,8 @@ def decode_loop(params, cfg: Mamba1Config, cache: Cache, logits, max_new_tokens:
     emitted eos_id emits pad_id afterwards (as transformers does); the loop stops when all have,
     or at T."""
     TRACES["decode_loop"] += 1
-    b = logits.shape[0]
-
-    def cond(carry):
-        step, _, _, _, _, done = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, logits, cache, tokens, margins, done = carry
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        tokens = tokens.at[:, step].set(nxt)
-        margins = margins.at[:, step].set(jnp.where(done, jnp.nan, top2_margin(logits)))
-        done = done | (nxt == eos_id)
-        # the step after the last token would be wasted work: skip it
-        logits, cache = jax.lax.cond(step + 1 < max_new_tokens,
-                                     lambda: decode_step(params, cfg, cache, nxt),
-                                     lambda: (logits, cache))
-        return step + 1, logits, cache, tokens, margins, done
-
-    init = (jnp.int32(0), logits, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool))
-    steps, _, cache, tokens, margins, _ = jax.lax.while_loop(cond, body, init)
-    return tokens, margins, steps, cache
+    return greedy_loop(lambda c, t: decode_step(params, cfg, c, t), cache, logits, max_new_tokens, eos_id,
+                       pad_id)
 
 
 def generate(params, cfg: Mamba1Config, prompt, mask=None, max_new_tokens: int = 32, eos_id=None,

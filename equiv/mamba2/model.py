@@ -315,4 +315,7 @@ def decode_step(params, cfg: Mamba2Config, cache: Cache, tokens):
         convs.append(conv_state)
         ssms.append(ssm_state)
     logits = lm_logits(cfg, params, rms_norm(hidden, params["norm_f"], cfg.norm_eps))
+    # stacked, not written into the carried cache in place (.at[i].set, as forward does): in the
+    # decode loop in-place writes measured slower on both backends (CPU 130m fp32 ~3% a step; H200
+    # bf16 130m 0.555 against 0.477 ms, 2.7b 2.658 against 2.560 ms: XLA copies the carried state)
     return logits, Cache(jnp.stack(convs), jnp.stack(ssms))

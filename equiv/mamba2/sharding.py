@@ -31,10 +31,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from equiv.errors import EquivError, quote
+from equiv.greedy import greedy_loop
 from equiv.kblock import host_dense
 from equiv.mamba2 import model as m
 from equiv.mamba2.config import Mamba2Config
-from equiv.mamba2.generate import top2_margin
 from equiv.mamba2.port import Mamba2Model
 from equiv.mamba2.ssd import ssd_step
 
@@ -258,27 +258,8 @@ def _local_isolated(cfg, lc, share, lp, layer_in, normed_in, in_proj_in, conv_in
 
 
 def _decode_loop(step, params, cache, logits, max_new_tokens: int, eos_id, pad_id):
-    """equiv.mamba2.generate.decode_loop with the sharded step: greedy tokens on device."""
-    b = logits.shape[0]
-
-    def cond(carry):
-        i, _, _, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, logits, cache, tokens, margins, done = carry
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        tokens = tokens.at[:, i].set(nxt)
-        margins = margins.at[:, i].set(jnp.where(done, jnp.nan, top2_margin(logits)))
-        done = done | (nxt == eos_id)
-        logits, cache = jax.lax.cond(i + 1 < max_new_tokens, lambda: step(params, cache, nxt),
-                                     lambda: (logits, cache))
-        return i + 1, logits, cache, tokens, margins, done
-
-    init = (jnp.int32(0), logits, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.full((b, max_new_tokens), jnp.nan, f32), jnp.zeros((b,), bool))
-    steps, _, cache, tokens, margins, _ = jax.lax.while_loop(cond, body, init)
-    return tokens, margins, steps, cache
+    """equiv.greedy.greedy_loop with the sharded step: greedy tokens on device."""
+    return greedy_loop(lambda c, t: step(params, c, t), cache, logits, max_new_tokens, eos_id, pad_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,7 @@
-"""Greedy generation with the whole loop on device: the chunked prefill, then a lax.while_loop of
-O(1) decode steps (equiv.mamba3.ssm.ssm_step). No host round trip per token; the cache is a loop
-carry that XLA updates in place, and the prefill cache is donated into the loop.
-
-Tie-breaking matches torch: argmax takes the first maximal index.
+"""Greedy generation with the whole loop on device: the chunked prefill, then
+equiv.greedy.greedy_loop over O(1) decode steps (equiv.mamba3.ssm.ssm_step). No host round trip per
+token; the cache is a loop carry that XLA updates in place, and the prefill cache is donated into
+the loop.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from equiv.greedy import greedy_loop
 from equiv.mamba3.config import Mamba3Config
 from equiv.mamba3.model import Cache, decode_step, forward
 
@@ -34,11 +34,6 @@ def decode_step_jit(params, cfg: Mamba3Config, cache: Cache, tokens):
     return decode_step(params, cfg, cache, tokens)
 
 
-def top2_margin(logits):
-    top = jax.lax.top_k(logits.astype(jnp.float32), 2)[0]
-    return top[..., 0] - top[..., 1]
-
-
 @partial(jax.jit, static_argnames=("cfg", "max_new_tokens"), donate_argnames=("cache",))
 def decode_loop(params, cfg: Mamba3Config, cache: Cache, logits, max_new_tokens: int, eos_id, pad_id):
     """From the prefill's last logits, emit up to max_new_tokens greedy tokens.
@@ -46,28 +41,8 @@ def decode_loop(params, cfg: Mamba3Config, cache: Cache, logits, max_new_tokens:
     Returns (tokens (b, T) int32, margins (b, T) float32, steps, cache). A sequence that has
     emitted eos_id emits pad_id afterwards; the loop stops when all have, or at T."""
     TRACES["decode_loop"] += 1
-    b = logits.shape[0]
-
-    def cond(carry):
-        step, _, _, _, _, done = carry
-        return (step < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        step, logits, cache, tokens, margins, done = carry
-        nxt = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-        tokens = tokens.at[:, step].set(nxt)
-        margins = margins.at[:, step].set(jnp.where(done, jnp.nan, top2_margin(logits)))
-        done = done | (nxt == eos_id)
-        # the step after the last token would be wasted work: skip it
-        logits, cache = jax.lax.cond(step + 1 < max_new_tokens,
-                                     lambda: decode_step(params, cfg, cache, nxt),
-                                     lambda: (logits, cache))
-        return step + 1, logits, cache, tokens, margins, done
-
-    init = (jnp.int32(0), logits, cache, jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-            jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool))
-    steps, _, cache, tokens, margins, _ = jax.lax.while_loop(cond, body, init)
-    return tokens, margins, steps, cache
+    return greedy_loop(lambda c, t: decode_step(params, cfg, c, t), cache, logits, max_new_tokens, eos_id,
+                       pad_id)
 
 
 def generate(params, cfg: Mamba3Config, prompt, mask=None, max_new_tokens: int = 32, eos_id=None,

@@ -281,7 +281,7 @@ def top_kernels(trace_dir: Path, top: int = 15) -> list[dict]:
     """GPU kernel time by name from a jax.profiler perfetto trace (best effort)."""
     files = sorted(trace_dir.rglob("*.trace.json.gz")) or sorted(trace_dir.rglob("perfetto_trace.json.gz"))
     if not files:
-        return [{"error": f"no trace file under {trace_dir}"}]
+        return {"error": f"no trace file under {trace_dir}"}
     data = json.loads(gzip.open(files[-1]).read())
     events = data["traceEvents"] if isinstance(data, dict) else data
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
@@ -292,11 +292,15 @@ def top_kernels(trace_dir: Path, top: int = 15) -> list[dict]:
             total[e["name"]] += float(e.get("dur", 0))
             count[e["name"]] += 1
     all_us = sum(total.values()) or 1.0
-    return [{"kernel": k[:120], "us": round(v, 1), "share": round(v / all_us, 4), "calls": count[k]}
-            for k, v in total.most_common(top)]
+    return {"gpu_kernel_us": round(all_us, 1), "kernel_launches": sum(count.values()),
+            "top": [{"kernel": k[:120], "us": round(v, 1), "share": round(v / all_us, 4), "calls": count[k]}
+                    for k, v in total.most_common(top)]}
 
 
-def profile_port(model: str, dtype: str, length: int, out: Path, layout: str = "auto") -> dict:
+def profile_port(model: str, dtype: str, length: int, out: Path, layout: str = "auto",
+                 whats=("prefill", "decode")) -> dict:
+    """Top GPU kernels of one prefill at `length` and of one decode loop (NEW_TOKENS - 1 steps after
+    a 16-token prompt), with the total kernel time and launch count."""
     import jax
     import jax.numpy as jnp
 
@@ -308,12 +312,13 @@ def profile_port(model: str, dtype: str, length: int, out: Path, layout: str = "
     short = ids[:, :16]
     result = {}
     with jax.default_matmul_precision("highest"):
-        jax.block_until_ready(prefill(params, cfg, ids))
+        if "prefill" in whats:
+            jax.block_until_ready(prefill(params, cfg, ids))
         logits, cache = prefill(params, cfg, short)
         eos, pad = jnp.int32(-1), jnp.int32(0)
         jax.block_until_ready(decode_loop(params, cfg, cache, logits, NEW_TOKENS, eos, pad))
         result["weight_layout"] = resolve_layout(layout)
-        for what in ("prefill", "decode"):
+        for what in whats:
             tdir = Path(tempfile.mkdtemp(prefix=f"trace-{model}-{dtype}-{what}-"))  # not under --out: deep
             logits, cache = prefill(params, cfg, short)
             jax.block_until_ready(cache)
@@ -323,7 +328,12 @@ def profile_port(model: str, dtype: str, length: int, out: Path, layout: str = "
                 else:
                     jax.block_until_ready(decode_loop(params, cfg, cache, logits, NEW_TOKENS, eos, pad))
             result[what] = top_kernels(tdir)
-            for r in result[what][:12]:
+            steps = NEW_TOKENS - 1 if what == "decode" else 1
+            if "gpu_kernel_us" in result[what]:
+                us, launches = result[what]["gpu_kernel_us"] / steps, result[what]["kernel_launches"] / steps
+                log(f"profile {model} {dtype} {what}: GPU kernels {us:,.1f} us and {launches:,.1f} launches "
+                    f"per {what} step")
+            for r in result[what].get("top", [])[:12]:
                 log(f"profile {model} {dtype} {what}: {r}")
     return result
 
@@ -399,7 +409,9 @@ def main(argv=None) -> int:
                     help="extra prefill lengths, bf16 only (the fp32 table takes --prefill-lens)")
     ap.add_argument("--decode-positions", default="16,8192")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--profile", action="store_true", help="also the port's top GPU kernels (bf16, L=2048)")
+    ap.add_argument("--profile", nargs="?", const="prefill,decode", default="",
+                    help="also the port's top GPU kernels (bf16): of a prefill at L=2048 and/or of a "
+                         "decode loop (--profile, --profile decode)")
     ap.add_argument("--no-ceilings", action="store_true")
     ap.add_argument("--weight-layouts", default="auto",
                     help="the port's projection layouts to measure, e.g. rows,columns (equiv/kblock.py; "
@@ -431,7 +443,8 @@ def main(argv=None) -> int:
             if args.profile and dtype == "bfloat16" and "port" in args.impls:
                 try:
                     report.setdefault("profile", {})[model] = {
-                        x: profile_port(model, dtype, 2048, out, x) for x in layouts}
+                        x: profile_port(model, dtype, 2048, out, x, tuple(args.profile.split(",")))
+                        for x in layouts}
                 except Exception as e:  # noqa: BLE001 - the figures above are kept
                     report["errors"].append(f"profile {model}: {type(e).__name__}: {str(e)[:500]}")
                 save()
