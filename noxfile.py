@@ -146,3 +146,12 @@ def gpu(session: nox.Session) -> None:
     """On a GPU machine whose Python already has CUDA torch and CUDA jax: the equivalence checks
     against mamba_ssm's Triton kernels and the GPU benchmark, in the current environment."""
     session.run("python", "-m", "equiv_reference.mamba2.gpu_run", *session.posargs)
+
+
+@nox.session(name="gpu-bench", python=False, default=False)
+def gpu_bench(session: nox.Session) -> None:
+    """On a GPU machine whose Python already has CUDA jax, CUDA torch and mamba_ssm: the same-run
+    benchmark of the port and mamba_ssm (130m and 2.7b shapes, bf16 and fp32, prefill tok/s with
+    MFU, decode ms/token with HBM utilisation, ratios to mamba_ssm); posargs go to the script
+    (equiv_reference/mamba2/gpu_bench.py), e.g. `-- --models 2.7b --dtypes bfloat16`."""
+    session.run("python", "-m", "equiv_reference.mamba2.gpu_bench", *session.posargs)

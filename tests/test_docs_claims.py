@@ -1,6 +1,7 @@
 """The README's figures and layout are checked against the code: every budget, guard and factor it
 quotes comes from equiv/compare.py TOLERANCES, the supported transformers releases from
-equiv/tested_versions.toml, and its layout names every module (and only modules that exist)."""
+equiv/tested_versions.toml, its layout names every module (and only modules that exist), and every
+`nox -s` session it names is in noxfile.py."""
 
 from __future__ import annotations
 
@@ -57,3 +58,13 @@ def test_the_layout_names_every_module_and_only_existing_ones():
     assert {"mamba1", "mamba2"} <= families
     for fam in families:  # each family has a folder on both sides
         assert (ROOT / "equiv_reference" / fam / "__init__.py").is_file(), fam
+
+
+def test_every_nox_session_the_readme_names_exists():
+    sessions = set()
+    for deco, func in re.findall(r"@nox\.session\(([^)]*)\)\ndef (\w+)", (ROOT / "noxfile.py").read_text()):
+        named = re.search(r'name="([\w-]+)"', deco)
+        sessions.add(named.group(1) if named else func)
+    assert {"equivalence", "tests", "gpu-bench"} <= sessions
+    named = set(re.findall(r"nox -s ([\w-]+)", README))
+    assert named and named <= sessions, named - sessions
