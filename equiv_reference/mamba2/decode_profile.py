@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
-import json
 import re
 import statistics
 import sys
@@ -26,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from equiv_reference.mamba2.gpu_bench import SHAPES, port_config, port_params
+from equiv_reference.mamba2.gpu_bench import SHAPES, device_ops, port_config, port_params
 
 
 def op_kind(name: str) -> str:
@@ -34,23 +32,12 @@ def op_kind(name: str) -> str:
 
 
 def ops_per_step(trace_dir: Path, steps: int) -> list[dict]:
-    """(kind, count per step, traced us per step), largest first, of the ops XLA ran (CPU: on its
-    threads, the Eigen pool's and the client's, which runs small ops inline; GPU: the GPU process).
-    Runtime bookkeeping events (names with "::", e.g. ThunkExecutor::Execute) are not ops."""
-    files = sorted(trace_dir.rglob("*.trace.json.gz"))
-    events = json.loads(gzip.open(files[-1]).read())["traceEvents"]
-    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events if e.get("ph") == "M"
-             and e.get("name") in ("thread_name", "process_name")}
-
-    def on_device(e):
-        return (names.get((e["pid"], e["tid"]), "").startswith("tf_XLA")
-                or "gpu" in names.get((e["pid"], None), "").lower())
+    """(kind, count per step, traced us per step), largest first, of the ops the device ran
+    (gpu_bench.device_ops says which events those are)."""
     us, count = Counter(), Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and on_device(e) and "::" not in name and not name.startswith("end: "):
-            us[op_kind(e["name"])] += float(e.get("dur", 0))
-            count[op_kind(e["name"])] += 1
+    for name, dur in device_ops(trace_dir) or []:
+        us[op_kind(name)] += dur
+        count[op_kind(name)] += 1
     return [{"op": k, "per_step": round(count[k] / steps, 1), "traced_us_per_step": round(v / steps, 1)}
             for k, v in us.most_common()]
 

@@ -277,20 +277,40 @@ def mamba_ssm_rows(model: str, dtype: str, prefill_lens, positions, repeats: int
 # profile
 
 
-def top_kernels(trace_dir: Path, top: int = 15) -> list[dict]:
-    """GPU kernel time by name from a jax.profiler perfetto trace (best effort)."""
+def device_ops(trace_dir: Path) -> list[tuple[str, float]] | None:
+    """(name, us) of every op the device ran, from the jax.profiler trace under trace_dir (None: no
+    trace file). With a GPU in the trace: the GPU process's kernels. Without: the ops on XLA:CPU's
+    threads (its Eigen pool's and the client's, which runs small ops inline), leaving out runtime
+    bookkeeping events (names with "::", e.g. ThunkExecutor::Execute, and "end: " markers)."""
     files = sorted(trace_dir.rglob("*.trace.json.gz")) or sorted(trace_dir.rglob("perfetto_trace.json.gz"))
     if not files:
-        return {"error": f"no trace file under {trace_dir}"}
+        return None
     data = json.loads(gzip.open(files[-1]).read())
     events = data["traceEvents"] if isinstance(data, dict) else data
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "gpu" in str(e.get("args", {}).get("name", "")).lower()}
+    meta = [(e, str(e.get("args", {}).get("name", ""))) for e in events if e.get("ph") == "M"]
+    gpu_pids = {e["pid"] for e, name in meta if e.get("name") == "process_name" and "gpu" in name.lower()}
+    xla_threads = {(e["pid"], e.get("tid")) for e, name in meta
+                   if e.get("name") == "thread_name" and name.startswith("tf_XLA")}
+
+    def ran_on_device(e) -> bool:
+        if gpu_pids:
+            return e.get("pid") in gpu_pids
+        name = e.get("name", "")
+        bookkeeping = "::" in name or name.startswith("end: ")
+        return (e.get("pid"), e.get("tid")) in xla_threads and not bookkeeping
+
+    return [(e["name"], float(e.get("dur", 0))) for e in events if e.get("ph") == "X" and ran_on_device(e)]
+
+
+def top_kernels(trace_dir: Path, top: int = 15) -> dict:
+    """The device's kernel time by name (device_ops), with the total and the launch count."""
+    ops = device_ops(trace_dir)
+    if ops is None:
+        return {"error": f"no trace file under {trace_dir}"}
     total, count = Counter(), Counter()
-    for e in events:
-        if e.get("ph") == "X" and (not gpu_pids or e.get("pid") in gpu_pids):
-            total[e["name"]] += float(e.get("dur", 0))
-            count[e["name"]] += 1
+    for name, us in ops:
+        total[name] += us
+        count[name] += 1
     all_us = sum(total.values()) or 1.0
     return {"gpu_kernel_us": round(all_us, 1), "kernel_launches": sum(count.values()),
             "top": [{"kernel": k[:120], "us": round(v, 1), "share": round(v / all_us, 4), "calls": count[k]}
